@@ -1,0 +1,7 @@
+"""Everything about data: the Dataset, transforms, the DataModule and the built-in dataset."""
+
+from project.data.builtin import generate_shapes
+from project.data.datamodule import ImageDataModule
+from project.data.folder import IMG_EXTENSIONS, ImageFileDataset, ImageFolderDataset
+
+__all__ = ["IMG_EXTENSIONS", "ImageDataModule", "ImageFileDataset", "ImageFolderDataset", "generate_shapes"]

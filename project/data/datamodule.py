@@ -1,0 +1,260 @@
+"""`ImageDataModule`: everything about data for a run, from folders on disk to normalized batches on the device.
+
+It owns the datasets (train / val / test / predict), the DataLoaders with every setting people tune,
+and the batch work done on the device after transfer (`on_after_batch_transfer`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from project.data.builtin import generate_shapes
+from project.data.folder import ImageFileDataset, ImageFolderDataset, find_classes, list_images
+from project.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DeviceTransform,
+    eval_transform,
+    train_transform,
+)
+
+BUILTIN_DIR = "data/shapes"  # relative to the working directory, like lightning_logs/
+SAMPLERS = ("random", "balanced")
+AUGMENT_ON = ("auto", "cpu", "device")
+
+
+def stratified_split(targets: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of sample indices keeping each class's share: (train_indices, val_indices).
+
+    Every class with at least two samples gets at least one validation sample.
+    """
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in np.unique(targets):
+        members = rng.permutation(np.flatnonzero(targets == label))
+        n_val = int(round(len(members) * fraction))
+        if len(members) >= 2:
+            n_val = min(max(n_val, 1), len(members) - 1)
+        val.append(members[:n_val])
+        train.append(members[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Image-folder data for training, evaluation and prediction.
+
+    Args:
+        data_dir: `data_dir/train/<class>/*` with optional `val/` and `test/` beside it (a folder of
+            class folders alone is used as `train/`). None: the built-in shapes dataset, generated
+            into `builtin_dir` on first use.
+        image_size: side of the square training images (shorter side resized, centre crop).
+        batch_size, num_workers, drop_last (train loader only), shuffle, collate_fn, persistent_workers,
+            prefetch_factor: passed to the DataLoaders as they are.
+        pin_memory: None = pin only when batches go to a CUDA device.
+        sampler: "random" (plain shuffle) or "balanced" (class-balanced weighted sampling with replacement).
+        rotation: random rotation range in degrees for training; hflip: random horizontal flips.
+        augment_on: where training augmentation runs: "cpu" (workers, per image), "device" (after
+            transfer, one batched call) or "auto" (device when the accelerator is not the CPU).
+        val_fraction, seed: the stratified, seeded validation split used when there is no `val/`.
+        mean, std: normalization applied on the device.
+        predict_paths: files or folders for the predict loader.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike | None = None,
+        image_size: int = 64,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        drop_last: bool = False,
+        shuffle: bool = True,
+        sampler: str = "random",
+        collate_fn: Callable | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        prefetch_factor: int | None = None,
+        rotation: float = 15.0,
+        hflip: bool = True,
+        augment_on: str = "auto",
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        predict_paths: Sequence[str | os.PathLike] | None = None,
+        builtin_dir: str | os.PathLike = BUILTIN_DIR,
+    ) -> None:
+        super().__init__()
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if augment_on not in AUGMENT_ON:
+            raise ValueError(f"augment_on must be one of {AUGMENT_ON}, got {augment_on!r}")
+        # strings, not Paths: checkpoints must load with torch.load(weights_only=True)
+        data_dir = None if data_dir is None else str(data_dir)
+        builtin_dir = str(builtin_dir)
+        predict_paths = None if predict_paths is None else [str(p) for p in predict_paths]
+        mean, std = [float(m) for m in mean], [float(s) for s in std]
+        self.save_hyperparameters(ignore=["collate_fn"])
+
+        self.data_dir = Path(data_dir) if data_dir is not None else Path(builtin_dir)
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.drop_last = drop_last
+        self.shuffle = shuffle
+        self.sampler = sampler
+        self.collate_fn = collate_fn
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.prefetch_factor = prefetch_factor
+        self.rotation = rotation
+        self.hflip = hflip
+        self.augment_on = augment_on
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.mean, self.std = mean, std
+        self.predict_paths = predict_paths
+        self.is_builtin = data_dir is None
+
+        self.train_set: ImageFolderDataset | None = None
+        self.val_set: ImageFolderDataset | None = None
+        self.test_set: ImageFolderDataset | None = None
+        self.predict_set: ImageFileDataset | None = None
+        self.device_transform = DeviceTransform(mean, std)
+
+    # ----------------------------------------------------------------- layout
+    @property
+    def train_dir(self) -> Path:
+        train = self.data_dir / "train"
+        if train.is_dir():
+            return train
+        if (self.data_dir / "val").is_dir() or (self.data_dir / "test").is_dir():
+            raise FileNotFoundError(f"{str(self.data_dir)!r} has val/ or test/ but no train/ folder")
+        return self.data_dir  # a plain folder of class folders: all of it is training data
+
+    def split_dir(self, split: str) -> Path | None:
+        path = self.data_dir / split
+        return path if self.train_dir != self.data_dir and path.is_dir() else None
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names, from the training folder; val and test must have the same ones."""
+        return find_classes(self.train_dir)
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """What a model needs to see images as this DataModule shows them (saved in its checkpoint)."""
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+
+    # ------------------------------------------------------------- lifecycle
+    def prepare_data(self) -> None:
+        if self.is_builtin:
+            generate_shapes(self.data_dir, image_size=64, seed=0)
+        elif not self.data_dir.is_dir():
+            raise FileNotFoundError(f"--data_dir {str(self.data_dir)!r} does not exist")
+
+    def resolved_augment_on(self) -> str:
+        if self.augment_on != "auto":
+            return self.augment_on
+        trainer = self.trainer
+        on_accelerator = trainer is not None and trainer.strategy.root_device.type != "cpu"
+        return "device" if on_accelerator else "cpu"
+
+    def setup(self, stage: str | None = None) -> None:
+        on_device = self.resolved_augment_on() == "device"
+        cpu_rotation, cpu_hflip = (0.0, False) if on_device else (self.rotation, self.hflip)
+        train_tf = train_transform(self.image_size, cpu_rotation, cpu_hflip)
+        eval_tf = eval_transform(self.image_size)
+        self.device_transform = DeviceTransform(
+            self.mean, self.std,
+            rotation=self.rotation if on_device else 0.0,
+            hflip=self.hflip and on_device,
+        )
+
+        if stage in ("fit", "validate", None) and self.train_set is None:
+            self._setup_train_val()
+        if stage in ("test", None) and self.test_set is None and self.split_dir("test"):
+            self.test_set = self._folder(self.split_dir("test"), self.classes)
+        if stage in ("predict", None) and self.predict_paths is not None:
+            self.predict_set = ImageFileDataset(list_images(self.predict_paths),
+                                                decode_min_size=self.image_size)
+
+        for dataset, transform in ((self.train_set, train_tf), (self.val_set, eval_tf),
+                                   (self.test_set, eval_tf), (self.predict_set, eval_tf)):
+            if dataset is not None:
+                dataset.transform = transform
+
+    def _folder(self, root: Path, classes: Sequence[str] | None = None) -> ImageFolderDataset:
+        return ImageFolderDataset(root, classes=classes, decode_min_size=self.image_size)
+
+    def _setup_train_val(self) -> None:
+        full = self._folder(self.train_dir)
+        val_dir = self.split_dir("val")
+        if val_dir is not None:
+            self.train_set = full
+            self.val_set = self._folder(val_dir, full.classes)
+        else:
+            train_idx, val_idx = stratified_split(full.targets, self.val_fraction, self.seed)
+            self.train_set, self.val_set = full.subset(train_idx), full.subset(val_idx)
+
+    @property
+    def has_test(self) -> bool:
+        return self.split_dir("test") is not None
+
+    # --------------------------------------------------------------- loaders
+    def _pin_memory(self) -> bool:
+        if self.pin_memory is not None:
+            return self.pin_memory
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+    def _loader(self, dataset: torch.utils.data.Dataset, train: bool = False) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a DataLoader")
+        workers = self.num_workers
+        kwargs: dict[str, Any] = {}
+        if workers > 0:
+            kwargs["persistent_workers"] = self.persistent_workers
+            kwargs["prefetch_factor"] = self.prefetch_factor
+        if train and self.sampler == "balanced":
+            counts = np.bincount(dataset.targets)
+            weights = torch.as_tensor(1.0 / counts[dataset.targets], dtype=torch.double)
+            generator = torch.Generator().manual_seed(self.seed)
+            kwargs["sampler"] = WeightedRandomSampler(weights, len(dataset), replacement=True,
+                                                      generator=generator)
+        else:
+            kwargs["shuffle"] = train and self.shuffle
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=workers,
+            drop_last=train and self.drop_last,
+            collate_fn=self.collate_fn,
+            pin_memory=self._pin_memory(),
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_set)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, labels = batch[0], batch[1]
+        trainer = self.trainer
+        augment = trainer is not None and trainer.training
+        return (self.device_transform(images, augment=augment), labels, *batch[2:])

@@ -1,0 +1,105 @@
+"""Backbones: plain `nn.Module`s that map `(B, 3, H, W)` float images to `(B, num_classes)` logits.
+
+`build_backbone(name, num_classes)` looks `name` up in `BACKBONES` (this project's own models) and
+then among torchvision's classification architectures, always built with `weights=None` unless
+`pretrained=True` is asked for. To add a model, decorate a function with `@register_backbone("name")`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_backbone(name: str) -> Callable:
+    """Decorator: make `fn(num_classes, **kw) -> nn.Module` available as `build_backbone(name, ...)`."""
+
+    def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        BACKBONES[name] = fn
+        return fn
+
+    return register
+
+
+def torchvision_backbones() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def available_backbones() -> list[str]:
+    return sorted(BACKBONES) + torchvision_backbones()
+
+
+class SimpleCNN(nn.Module):
+    """Four conv blocks (conv 3x3, batch norm, ReLU, 2x2 max pool), global average pool, linear head.
+
+    Channels double per block from `width`; global pooling makes it work for any image size >= 32
+    (four halvings leave at least 2x2). About 0.4 M parameters at the default width.
+    """
+
+    def __init__(self, num_classes: int, width: int = 32, in_channels: int = 3, dropout: float = 0.1) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for i in range(4):
+            out = width * 2**i
+            layers += [
+                nn.Conv2d(channels, out, 3, padding=1, bias=False),  # bias is redundant before batch norm
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)  # (B, 3, H, W) -> (B, 8*width, H/16, W/16)
+        return self.head(self.pool(x))  # -> (B, 8*width, 1, 1) -> (B, num_classes)
+
+
+@register_backbone("simple_cnn")
+def simple_cnn(num_classes: int, pretrained: bool = False, **kw) -> nn.Module:
+    if pretrained:
+        raise ValueError("simple_cnn has no pretrained weights; drop --pretrained or pick a torchvision backbone")
+    return SimpleCNN(num_classes, **kw)
+
+
+def _replace_last_linear(model: nn.Module, num_classes: int) -> None:
+    """Swap the final nn.Linear (the ImageNet head) for a fresh one with `num_classes` outputs."""
+    name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    setattr(parent, name.rpartition(".")[2], nn.Linear(last.in_features, num_classes))
+
+
+def _pretrained_torchvision(name: str, num_classes: int, **kw) -> nn.Module:
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    try:
+        model = torchvision.models.get_model(name, weights=weights, **kw)
+    except Exception as error:  # URLError, HTTPError, SSL errors, ...: all mean "could not fetch"
+        cache = f"{torch.hub.get_dir()}/checkpoints/{weights.url.rsplit('/', 1)[-1]}"
+        raise RuntimeError(
+            f"--pretrained: could not fetch the {name} weights ({type(error).__name__}: {error}). "
+            f"Download {weights.url} on a connected machine and put it at {cache}, or train without --pretrained."
+        ) from error
+    _replace_last_linear(model, num_classes)
+    return model
+
+
+def build_backbone(name: str, num_classes: int, pretrained: bool = False, **kw) -> nn.Module:
+    """Build backbone `name` with a `num_classes`-way head. Nothing is downloaded unless `pretrained`."""
+    if name in BACKBONES:
+        return BACKBONES[name](num_classes, pretrained=pretrained, **kw)
+    if name in torchvision_backbones():
+        if pretrained:
+            return _pretrained_torchvision(name, num_classes, **kw)
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
+    raise ValueError(
+        f"unknown backbone {name!r}; choose simple_cnn, resnet18, mobilenet_v3_small, ... "
+        f"(all: {', '.join(available_backbones())})"
+    )

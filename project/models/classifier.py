@@ -1,0 +1,137 @@
+"""`ImageClassifier`: the LightningModule that owns everything about learning.
+
+Backbone, loss, metrics (torchmetrics), optimizer and schedule. Its hyperparameters are primitives
+only (strings, numbers, lists), among them the class names and preprocessing, so a checkpoint is
+self-contained: `ImageClassifier.load_from_checkpoint(path)` needs no other argument and
+`torch.load(path, weights_only=True)` works.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from project.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from project.models.backbones import build_backbone
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR factor: linear warm-up from ~0 to 1, then cosine decay to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class ImageClassifier(L.LightningModule):
+    """Image classification with any registered backbone.
+
+    Args:
+        backbone: a name from `project.models.available_backbones()`.
+        num_classes: outputs of the head; class_names: their names, in label order.
+        image_size, mean, std: the preprocessing the model was trained with (used by prediction).
+        pretrained: start from torchvision's ImageNet weights (downloads; opt-in).
+        optimizer: "adamw" or "sgd" (momentum `momentum`, Nesterov).
+        lr, weight_decay: peak learning rate and decay (not applied to biases and norm weights).
+        warmup_epochs: linear warm-up length before the cosine decay (fractions allowed).
+        label_smoothing: cross-entropy label smoothing.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "simple_cnn",
+        num_classes: int = 8,
+        class_names: Sequence[str] | None = None,
+        image_size: int = 64,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        pretrained: bool = False,
+        optimizer: str = "adamw",
+        lr: float = 2e-3,
+        weight_decay: float = 0.05,
+        momentum: float = 0.9,
+        warmup_epochs: float = 0.5,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for num_classes={num_classes}")
+        class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+        mean, std = [float(m) for m in mean], [float(s) for s in std]
+        self.save_hyperparameters()
+
+        self.model = build_backbone(backbone, num_classes, pretrained=pretrained)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        accuracy = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+        if num_classes > 5:
+            accuracy["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        metrics = MetricCollection(accuracy)
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.hparams.class_names)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)  # (B, 3, H, W) normalized float -> (B, num_classes) logits
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        metrics = getattr(self, f"{stage}_metrics")
+        training = stage == "train"
+        if training:
+            metrics(logits, labels)  # forward: batch value for the step log, and accumulates for the epoch
+        else:
+            metrics.update(logits, labels)
+        self.log(f"{stage}/loss", loss, on_step=training, on_epoch=True, prog_bar=True,
+                 batch_size=labels.shape[0], sync_dist=not training)
+        self.log_dict(metrics, on_step=training, on_epoch=True, prog_bar=not training,
+                      batch_size=labels.shape[0])
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images = batch[0]
+        return torch.softmax(self(images).float(), dim=1)  # (B, num_classes) probabilities
+
+    def configure_optimizers(self):
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        # weight decay on weight matrices and kernels only: decaying biases and norm scales hurts
+        decay = [p for n, p in trainable if p.ndim > 1]
+        no_decay = [p for n, p in trainable if p.ndim <= 1]
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        if self.hparams.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=self.hparams.lr, momentum=self.hparams.momentum, nesterov=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr)
+
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        warmup = min(total, int(round(self.hparams.warmup_epochs * total / epochs)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, max(1, warmup), total)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
