@@ -101,6 +101,12 @@ def build_model(args: argparse.Namespace, datamodule: ImageDataModule) -> ImageC
     )
 
 
+def build_callbacks(args: argparse.Namespace) -> list[Callback]:
+    """The run's callbacks besides checkpointing, in the order they should run."""
+    callbacks: list[Callback] = [LearningRateMonitor(logging_interval="step"), SaveConfig(args)]
+    return callbacks
+
+
 def build_trainer(args: argparse.Namespace, callbacks: list[Callback]) -> L.Trainer:
     logger = TensorBoardLogger(save_dir=str(args.default_root_dir), name=LOGS, default_hp_metric=False)
     profiler = PROFILERS[args.profiler](filename="profile") if args.profiler != "none" else None
@@ -151,8 +157,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         monitor="val/acc", mode="max", save_last=True,
         filename="best-epoch{epoch:02d}-val_acc{val/acc:.4f}", auto_insert_metric_name=False,
     )
-    callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), SaveConfig(args)]
-    trainer = build_trainer(args, callbacks)
+    trainer = build_trainer(args, [checkpoint, *build_callbacks(args)])
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     results: dict[str, Any] = {

@@ -2,6 +2,7 @@
 
 from project.data.builtin import generate_shapes
 from project.data.datamodule import ImageDataModule
-from project.data.folder import IMG_EXTENSIONS, ImageFileDataset, ImageFolderDataset
+from project.data.files import ImageFileDataset
+from project.data.folder import IMG_EXTENSIONS, ImageFolderDataset
 
 __all__ = ["IMG_EXTENSIONS", "ImageDataModule", "ImageFileDataset", "ImageFolderDataset", "generate_shapes"]

@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from project.data.builtin import generate_shapes
-from project.data.folder import ImageFileDataset, ImageFolderDataset, find_classes, list_images
+from project.data.files import ImageFileDataset, list_images
+from project.data.folder import ImageFolderDataset, find_classes
 from project.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -152,7 +152,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.class_to_idx = {name: i for i, name in enumerate(found)}
         self.samples, self.skipped_files = scan_folder(self.root, found)
         counts = np.bincount(self.samples.targets, minlength=len(found))
-        empty = [name for name, n in zip(found, counts) if n == 0]
+        empty = [name for name, n in zip(found, counts, strict=True) if n == 0]
         if empty:
             raise FileNotFoundError(
                 f"class folders without images in {str(self.root)!r}: {empty} "
@@ -183,41 +183,3 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             image = self.transform(image)
         return image, target
 
-
-def list_images(inputs: Sequence[str | os.PathLike]) -> list[str]:
-    """Image files named by `inputs` (files, or folders walked recursively), in a stable order."""
-    found: list[str] = []
-    for item in inputs:
-        item = Path(item)
-        if item.is_dir():
-            for dirpath, dirnames, filenames in sorted(os.walk(item, followlinks=True)):
-                dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-                found += [
-                    os.path.join(dirpath, f)
-                    for f in sorted(filenames)
-                    if not is_hidden(f) and f.lower().endswith(IMG_EXTENSIONS)
-                ]
-        elif item.is_file():
-            found.append(str(item))
-        else:
-            raise FileNotFoundError(f"no such file or folder: {str(item)!r}")
-    return found
-
-
-class ImageFileDataset(torch.utils.data.Dataset):
-    """Unlabelled images by path, for prediction: item `i` is `(image, i)` so outputs map back to paths."""
-
-    def __init__(self, paths: Sequence[str], transform: Callable | None = None,
-                 decode_min_size: int | None = None) -> None:
-        self.samples = SampleList(paths, [-1] * len(paths))
-        self.transform = transform
-        self.decode_min_size = decode_min_size
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = load_image(self.samples.path(index), self.decode_min_size)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, index
