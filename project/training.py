@@ -4,19 +4,31 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.profilers import AdvancedProfiler, PyTorchProfiler, SimpleProfiler
 
+from project.callbacks.data_feed import DataFeedMonitor
+from project.callbacks.faults import BadImageMonitor, InterruptCheckpoint, NonFiniteLossGuard, clear_failures
+from project.callbacks.tensorboard import (
+    AugmentedBatchGrid,
+    ConfusionMatrixLogger,
+    HparamsSummary,
+    MispredictionLogger,
+    ModelGraphLogger,
+)
+from project.checkpointing import AtomicCheckpointIO, model_checkpoint, resolve_ckpt_path
 from project.cli import UsageError, to_yaml
+from project.console import configure_console
 from project.data import ImageDataModule
+from project.data.throughput import auto_num_workers, worker_budget
 from project.models import ImageClassifier
+from project.models.finetune import FreezeBackbone
 
 LOGS = "lightning_logs"
 PROFILERS = {"simple": SimpleProfiler, "advanced": AdvancedProfiler, "pytorch": PyTorchProfiler}
@@ -29,8 +41,9 @@ class SaveConfig(Callback):
         self.text = to_yaml(args)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if trainer.is_global_zero and stage == "fit" and trainer.log_dir:
-            path = Path(trainer.log_dir) / "config.yaml"
+        log_dir = trainer.log_dir  # on every rank: under DDP it is a broadcast, a collective call
+        if trainer.is_global_zero and stage == "fit" and log_dir:
+            path = Path(log_dir) / "config.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(self.text)
 
@@ -41,21 +54,6 @@ def resolve_precision(precision: str, accelerator: str) -> str:
         return precision
     on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
-
-
-def last_checkpoint(root: Path) -> Path:
-    """The newest checkpoint of the newest run under `root/lightning_logs` that wrote one."""
-    runs = []
-    for run in (root / LOGS).glob("version_*"):
-        match = re.fullmatch(r"version_(\d+)", run.name)
-        checkpoints = list((run / "checkpoints").glob("*.ckpt"))
-        if match and checkpoints:
-            runs.append((int(match.group(1)), checkpoints))
-    if not runs:
-        raise UsageError(f"--ckpt_path last: no checkpoint under {str(root / LOGS)!r}; "
-                         "run without --ckpt_path to start fresh")
-    _, checkpoints = max(runs)
-    return max(checkpoints, key=lambda p: p.stat().st_mtime)
 
 
 def check_accelerator(accelerator: str) -> None:
@@ -69,7 +67,8 @@ def build_datamodule(args: argparse.Namespace) -> ImageDataModule:
         data_dir=args.data_dir,
         image_size=args.image_size,
         batch_size=args.batch_size,
-        num_workers=args.num_workers,
+        # `auto` is resolved by a measured sweep just before fit; until then, every worker allowed
+        num_workers=worker_budget() if args.num_workers == "auto" else args.num_workers,
         drop_last=args.drop_last,
         shuffle=args.shuffle,
         sampler=args.sampler,
@@ -79,8 +78,14 @@ def build_datamodule(args: argparse.Namespace) -> ImageDataModule:
         rotation=args.rotation,
         hflip=args.hflip,
         augment_on=args.augment_on,
+        cache=args.cache,
+        cache_dir=args.cache_dir,
+        channels_last=args.channels_last,
         val_fraction=args.val_fraction,
         seed=args.seed,
+        skip_bad_images=args.skip_bad_images,
+        max_bad_fraction=args.max_bad_fraction,
+        loader_timeout=args.loader_timeout,
     )
 
 
@@ -97,6 +102,8 @@ def build_model(args: argparse.Namespace, datamodule: ImageDataModule) -> ImageC
         momentum=args.momentum,
         warmup_epochs=args.warmup_epochs,
         label_smoothing=args.label_smoothing,
+        compile=args.compile,
+        channels_last=args.channels_last,
         **datamodule.preprocessing,
     )
 
@@ -104,6 +111,19 @@ def build_model(args: argparse.Namespace, datamodule: ImageDataModule) -> ImageC
 def build_callbacks(args: argparse.Namespace) -> list[Callback]:
     """The run's callbacks besides checkpointing, in the order they should run."""
     callbacks: list[Callback] = [LearningRateMonitor(logging_interval="step"), SaveConfig(args)]
+    if args.unfreeze_at_epoch is not None and not args.freeze_backbone:
+        raise UsageError(f"--unfreeze_at_epoch {args.unfreeze_at_epoch} needs --freeze_backbone (nothing is frozen)")
+    if args.freeze_backbone:
+        callbacks.append(FreezeBackbone(unfreeze_at_epoch=args.unfreeze_at_epoch))
+    # TensorBoard views: the augmented batch, confusion matrix, mistakes, graph, flags with final metrics
+    callbacks += [AugmentedBatchGrid(), ConfusionMatrixLogger(), MispredictionLogger(), ModelGraphLogger(),
+                  HparamsSummary({k: v for k, v in vars(args).items() if k != "config"})]
+    if args.feed_monitor:
+        callbacks.append(DataFeedMonitor())
+    # faults: Ctrl+C / SIGTERM leave a resumable checkpoint; a NaN loss or too many unreadable images stop the run
+    callbacks += [InterruptCheckpoint(), NonFiniteLossGuard()]
+    if args.skip_bad_images:
+        callbacks.append(BadImageMonitor(args.max_bad_fraction))
     return callbacks
 
 
@@ -129,6 +149,7 @@ def build_trainer(args: argparse.Namespace, callbacks: list[Callback]) -> L.Trai
         gradient_clip_val=args.gradient_clip_val,
         logger=logger,
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
     )
 
 
@@ -137,28 +158,27 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     Returns the figures of the summary: best_val_acc, test_acc, best_checkpoint, last_checkpoint, log_dir.
     """
+    configure_console()
     check_accelerator(args.accelerator)
-    ckpt_path = args.ckpt_path
-    if ckpt_path == "last":
-        ckpt_path = str(last_checkpoint(args.default_root_dir))
+    ckpt_path = resolve_ckpt_path(args.ckpt_path, args.default_root_dir)
+    if args.ckpt_path == "last":
         print(f"resuming from {ckpt_path}")
-    elif ckpt_path is not None and not Path(ckpt_path).is_file():
-        raise UsageError(f"--ckpt_path: no such checkpoint {ckpt_path!r} (a .ckpt file, or 'last')")
 
     L.seed_everything(args.seed, workers=True, verbose=False)
     datamodule = build_datamodule(args)
     try:
         datamodule.prepare_data()
+        datamodule.setup("fit")  # layout errors (empty class folder, val/ classes differ) before any work
         model = build_model(args, datamodule)
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None
 
-    checkpoint = ModelCheckpoint(
-        monitor="val/acc", mode="max", save_last=True,
-        filename="best-epoch{epoch:02d}-val_acc{val/acc:.4f}", auto_insert_metric_name=False,
-    )
+    checkpoint = model_checkpoint()
     trainer = build_trainer(args, [checkpoint, *build_callbacks(args)])
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    if args.num_workers == "auto":
+        auto_num_workers(datamodule, model, trainer)
+    with clear_failures(trainer):  # interruption: exit 128 + signal; known faults: one line, exit 1
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     results: dict[str, Any] = {
         "best_val_acc": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
@@ -168,8 +188,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "test_acc": None,
     }
     if datamodule.has_test and not trainer.interrupted:
-        tested = trainer.test(model, datamodule=datamodule, ckpt_path="best" if checkpoint.best_model_path else None,
-                              verbose=False)
+        with clear_failures(trainer):
+            tested = trainer.test(model, datamodule=datamodule,
+                                  ckpt_path="best" if checkpoint.best_model_path else None, verbose=False)
         results["test_acc"] = tested[0].get("test/acc") if tested else None
     if trainer.is_global_zero:
         print_summary(results, args)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from PIL import Image
 from project.data import generate_shapes
 
 TINY_SPLITS = {"train": 40, "val": 10, "test": 10}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +30,11 @@ def write_image(path: Path, size: tuple[int, int] = (20, 16), mode: str = "RGB",
     array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(array, "RGB").convert(mode).save(path)
     return path
+
+
+def load_script(name: str) -> ModuleType:
+    """`scripts/<name>.py` as a module, so tests call its `main(argv)` in-process."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 SHAPES = ("bar", "circle", "crescent", "cross", "ring", "square", "star", "triangle")
-SPLITS = {"train": 600, "val": 100, "test": 100}  # images per class; 6,400 files in all
+SPLITS = {"train": 1000, "val": 100, "test": 100}  # images per class; 9,600 files in all
 GENERATOR_VERSION = 1  # bump when drawing changes, so old folders are regenerated
 
 

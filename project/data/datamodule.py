@@ -14,16 +14,19 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from project.data.builtin import generate_shapes
+from project.data.cache import CachedImageDataset, default_cache_dir, ensure_cache
 from project.data.files import ImageFileDataset, list_images
-from project.data.folder import ImageFolderDataset, find_classes
+from project.data.folder import BadImages, ImageFolderDataset, SkipBadCollate, find_classes, folder_summary
 from project.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DeviceTransform,
     eval_transform,
+    tensor_train_transform,
     train_transform,
 )
 
@@ -64,16 +67,24 @@ class ImageDataModule(L.LightningDataModule):
         rotation: random rotation range in degrees for training; hflip: random horizontal flips.
         augment_on: where training augmentation runs: "cpu" (workers, per image), "device" (after
             transfer, one batched call) or "auto" (device when the accelerator is not the CPU).
+        cache: decode and resize every train/val/test image once into a uint8 store at `image_size`
+            (see `project.data.cache`); later epochs and runs read memory instead of files.
+        cache_dir: where the caches go; None: `data/cache/<dataset name>-<path hash>`.
+        channels_last: hand the model NHWC-strided batches (faster convolutions on GPUs, mixed precision).
         val_fraction, seed: the stratified, seeded validation split used when there is no `val/`.
         mean, std: normalization applied on the device.
         predict_paths: files or folders for the predict loader.
+        skip_bad_images: replace unreadable images by the next readable one and record their paths in
+            `bad_images` (default: fail naming the file); max_bad_fraction: the share of unreadable files
+            above which `BadImageMonitor` stops the run. loader_timeout: seconds a worker may take per
+            batch before the DataLoader raises (0: wait forever).
     """
 
     def __init__(
         self,
         data_dir: str | os.PathLike | None = None,
         image_size: int = 64,
-        batch_size: int = 64,
+        batch_size: int = 32,
         num_workers: int = 2,
         drop_last: bool = False,
         shuffle: bool = True,
@@ -85,8 +96,14 @@ class ImageDataModule(L.LightningDataModule):
         rotation: float = 15.0,
         hflip: bool = True,
         augment_on: str = "auto",
+        cache: bool = False,
+        cache_dir: str | os.PathLike | None = None,
+        channels_last: bool = False,
         val_fraction: float = 0.1,
         seed: int = 0,
+        skip_bad_images: bool = False,
+        max_bad_fraction: float = 0.01,
+        loader_timeout: float = 0.0,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         predict_paths: Sequence[str | os.PathLike] | None = None,
@@ -101,6 +118,7 @@ class ImageDataModule(L.LightningDataModule):
         data_dir = None if data_dir is None else str(data_dir)
         builtin_dir = str(builtin_dir)
         predict_paths = None if predict_paths is None else [str(p) for p in predict_paths]
+        cache_dir = None if cache_dir is None else str(cache_dir)
         mean, std = [float(m) for m in mean], [float(s) for s in std]
         self.save_hyperparameters(ignore=["collate_fn"])
 
@@ -118,8 +136,15 @@ class ImageDataModule(L.LightningDataModule):
         self.rotation = rotation
         self.hflip = hflip
         self.augment_on = augment_on
+        self.cache = cache
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(self.data_dir)
+        self.channels_last = channels_last
         self.val_fraction = val_fraction
         self.seed = seed
+        self.skip_bad_images = skip_bad_images
+        self.max_bad_fraction = max_bad_fraction
+        self.loader_timeout = loader_timeout
+        self.bad_images: list[str] = []  # unreadable files met since BadImageMonitor last drained it
         self.mean, self.std = mean, std
         self.predict_paths = predict_paths
         self.is_builtin = data_dir is None
@@ -156,6 +181,8 @@ class ImageDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------- lifecycle
     def prepare_data(self) -> None:
+        if self.is_builtin and self.predict_paths is not None:
+            return  # prediction only: no training data to generate
         if self.is_builtin:
             generate_shapes(self.data_dir, image_size=64, seed=0)
         elif not self.data_dir.is_dir():
@@ -177,23 +204,47 @@ class ImageDataModule(L.LightningDataModule):
             self.mean, self.std,
             rotation=self.rotation if on_device else 0.0,
             hflip=self.hflip and on_device,
+            channels_last=self.channels_last,
         )
 
         if stage in ("fit", "validate", None) and self.train_set is None:
             self._setup_train_val()
+            rank_zero_info(folder_summary({"train": self.train_set, "val": self.val_set}))
         if stage in ("test", None) and self.test_set is None and self.split_dir("test"):
             self.test_set = self._folder(self.split_dir("test"), self.classes)
+            rank_zero_info(folder_summary({"test": self.test_set}))
         if stage in ("predict", None) and self.predict_paths is not None:
             self.predict_set = ImageFileDataset(list_images(self.predict_paths),
-                                                decode_min_size=self.image_size)
+                                                decode_min_size=self.image_size,
+                                                skip_bad_images=self.skip_bad_images)
 
         for dataset, transform in ((self.train_set, train_tf), (self.val_set, eval_tf),
                                    (self.test_set, eval_tf), (self.predict_set, eval_tf)):
             if dataset is not None:
                 dataset.transform = transform
+        if self.cache:
+            self._use_cache(tensor_train_transform(cpu_rotation, cpu_hflip))
+
+    def _use_cache(self, train_tf: Callable | None) -> None:
+        """Swap the train/val/test folder datasets for their decoded caches (built when missing or stale)."""
+        trainer = self.trainer
+        distributed = trainer is not None and trainer.world_size > 1
+        for split in ("train", "val", "test"):
+            dataset = getattr(self, f"{split}_set")
+            if isinstance(dataset, ImageFolderDataset):
+                if distributed:  # one process per machine builds; the others wait, then reuse it
+                    if trainer.local_rank == 0:
+                        ensure_cache(dataset, self.cache_dir, self.image_size, split, self.num_workers)
+                    trainer.strategy.barrier(f"cache-{split}")
+                path = ensure_cache(dataset, self.cache_dir, self.image_size, split, self.num_workers)
+                dataset = CachedImageDataset(path, dataset)
+                setattr(self, f"{split}_set", dataset)
+            if dataset is not None:
+                dataset.transform = train_tf if split == "train" else None  # cached images are resized
 
     def _folder(self, root: Path, classes: Sequence[str] | None = None) -> ImageFolderDataset:
-        return ImageFolderDataset(root, classes=classes, decode_min_size=self.image_size)
+        return ImageFolderDataset(root, classes=classes, decode_min_size=self.image_size,
+                                  skip_bad_images=self.skip_bad_images)
 
     def _setup_train_val(self) -> None:
         full = self._folder(self.train_dir)
@@ -224,6 +275,7 @@ class ImageDataModule(L.LightningDataModule):
         if workers > 0:
             kwargs["persistent_workers"] = self.persistent_workers
             kwargs["prefetch_factor"] = self.prefetch_factor
+            kwargs["timeout"] = self.loader_timeout
         if train and self.sampler == "balanced":
             counts = np.bincount(dataset.targets)
             weights = torch.as_tensor(1.0 / counts[dataset.targets], dtype=torch.double)
@@ -237,7 +289,7 @@ class ImageDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             num_workers=workers,
             drop_last=train and self.drop_last,
-            collate_fn=self.collate_fn,
+            collate_fn=SkipBadCollate(self.collate_fn) if self.skip_bad_images else self.collate_fn,
             pin_memory=self._pin_memory(),
             **kwargs,
         )
@@ -255,6 +307,9 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.predict_set)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch[-1], BadImages):
+            self.bad_images.extend(batch[-1].paths)
+            batch = batch[:-1]
         images, labels = batch[0], batch[1]
         trainer = self.trainer
         augment = trainer is not None and trainer.training

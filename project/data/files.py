@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
-from project.data.folder import IMG_EXTENSIONS, SampleList, is_hidden, load_image
+from project.data.folder import IMG_EXTENSIONS, BadImages, SampleList, bad_image_error, is_hidden, load_image
 
 
 def list_images(inputs: Sequence[str | os.PathLike]) -> list[str]:
@@ -33,19 +34,38 @@ def list_images(inputs: Sequence[str | os.PathLike]) -> list[str]:
 
 
 class ImageFileDataset(torch.utils.data.Dataset):
-    """Unlabelled images by path, for prediction: item `i` is `(image, i)` so outputs map back to paths."""
+    """Unlabelled images by path, for prediction: item `i` is `(image, i)` so outputs map back to paths.
+
+    Args:
+        paths: image files, e.g. from `list_images`.
+        transform: applied to the decoded RGB PIL image.
+        decode_min_size: decode JPEGs at reduced scale, never below this size (see `load_image`).
+        skip_bad_images: an unreadable file raises `BadImageError` naming it (default); with True its
+            item is `(placeholder, i, BadImages((path,)))`, a black image through the same transform
+            so the batch still stacks, and the predict step leaves that row out (see `SkipBadCollate`).
+    """
 
     def __init__(self, paths: Sequence[str], transform: Callable | None = None,
-                 decode_min_size: int | None = None) -> None:
+                 decode_min_size: int | None = None, skip_bad_images: bool = False) -> None:
         self.samples = SampleList(paths, [-1] * len(paths))
         self.transform = transform
         self.decode_min_size = decode_min_size
+        self.skip_bad_images = skip_bad_images
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = load_image(self.samples.path(index), self.decode_min_size)
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        path = self.samples.path(index)
+        try:
+            image = load_image(path, self.decode_min_size)
+        except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
+            if not self.skip_bad_images:
+                raise bad_image_error(path, error) from error
+            # a stand-in from another file would duplicate that file's row; a blank one is dropped by path
+            placeholder = Image.new("RGB", (1, 1))
+            image = self.transform(placeholder) if self.transform is not None else placeholder
+            return image, index, BadImages((path,))
         if self.transform is not None:
             image = self.transform(image)
         return image, index

@@ -7,15 +7,41 @@ that `ImageDataModule` builds.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torch.utils.data import default_collate
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class BadImageError(RuntimeError):
+    """An image file that cannot be decoded (corrupt, truncated, or not an image at all).
+
+    Raised in a DataLoader worker, PyTorch re-raises it in the main process with the worker's
+    traceback as its message; `summary` is the one line that names the file.
+    """
+
+    @property
+    def summary(self) -> str:
+        lines = [line for line in str(self).splitlines() if line.strip()]
+        for line in reversed(lines):
+            _, found, rest = line.partition("cannot read image ")
+            if found:
+                return found + rest
+        return lines[-1] if lines else "cannot read an image"
+
+
+@dataclass  # not frozen: Lightning's batch transfer (apply_to_collection) rejects frozen dataclasses
+class BadImages:
+    """Unreadable files that were replaced in a batch; rides along as the batch's last element."""
+
+    paths: tuple[str, ...]
 
 
 def is_hidden(name: str) -> bool:
@@ -123,6 +149,48 @@ def load_image(path: str, min_size: int | None = None) -> Image.Image:
         return to_rgb(image)
 
 
+def bad_image_error(path: str, error: BaseException) -> BadImageError:
+    return BadImageError(
+        f"cannot read image {path!r} ({type(error).__name__}: {error}); "
+        "fix or delete the file, or pass --skip_bad_images to skip unreadable files"
+    )
+
+
+class SkipBadCollate:
+    """Collate for datasets that skip unreadable images: batches them with `collate_fn` as usual and,
+    when some samples stand in for unreadable files, appends `BadImages(paths)` to the batch so the
+    main process can count them (workers cannot share a counter with it).
+    """
+
+    def __init__(self, collate_fn: Callable | None = None) -> None:
+        self.collate_fn = collate_fn or default_collate
+
+    def __call__(self, samples: Sequence[tuple]) -> Any:
+        bad: list[str] = []
+        clean = []
+        for sample in samples:
+            if len(sample) == 3 and isinstance(sample[2], BadImages):
+                bad.extend(sample[2].paths)
+                sample = sample[:2]
+            clean.append(sample)
+        batch = self.collate_fn(clean)
+        return (*batch, BadImages(tuple(bad))) if bad else batch
+
+
+def folder_summary(datasets: Mapping[str, ImageFolderDataset | None]) -> str:
+    """One line: images per split, classes, and the non-image files that were ignored."""
+    present = {name: d for name, d in datasets.items() if d is not None}
+    if not present:
+        return "data: no datasets"
+    sizes = ", ".join(f"{name} {len(d)}" for name, d in present.items())
+    skipped = {d.root: d.skipped_files for d in present.values()}  # a split-off val shares train's folder
+    classes = len(next(iter(present.values())).classes)
+    line = f"data: {sizes} images in {classes} classes"
+    if sum(skipped.values()):
+        line += f"; ignored {sum(skipped.values())} non-image files (extensions: {', '.join(IMG_EXTENSIONS)})"
+    return line
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Images under `root/<class_name>/**` with the class index as label, like torchvision's `ImageFolder`.
 
@@ -131,6 +199,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         transform: applied to the decoded RGB PIL image.
         classes: the class list to enforce (a val/test split must have exactly train's classes).
         decode_min_size: decode JPEGs at reduced scale, never below this size (see `load_image`).
+        skip_bad_images: an unreadable file raises `BadImageError` naming it (default); with True the
+            next readable sample stands in for it and the sample carries `BadImages` (see `SkipBadCollate`).
     """
 
     def __init__(
@@ -139,8 +209,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         transform: Callable[[Image.Image], Any] | None = None,
         classes: Sequence[str] | None = None,
         decode_min_size: int | None = None,
+        skip_bad_images: bool = False,
     ) -> None:
         self.root = Path(root)
+        self.skip_bad_images = skip_bad_images
         found = find_classes(self.root)
         if classes is not None and list(classes) != found:
             missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
@@ -154,9 +226,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         counts = np.bincount(self.samples.targets, minlength=len(found))
         empty = [name for name, n in zip(found, counts, strict=True) if n == 0]
         if empty:
+            found_counts = ", ".join(f"{name} {n}" for name, n in zip(found, counts, strict=True))
             raise FileNotFoundError(
-                f"class folders without images in {str(self.root)!r}: {empty} "
-                f"(image extensions: {', '.join(IMG_EXTENSIONS)})"
+                f"class folders without images in {str(self.root)!r}: {empty} (images found: {found_counts}; "
+                f"{self.skipped_files} other files ignored; image extensions: {', '.join(IMG_EXTENSIONS)})"
             )
         self.transform = transform
         self.decode_min_size = decode_min_size
@@ -176,10 +249,21 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        path, target = self.samples[index]
-        image = load_image(path, self.decode_min_size)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, target
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        bad: list[str] = []
+        # a stand-in keeps batch sizes (and DDP ranks' batch counts) unchanged; the next index rather than
+        # a random one keeps seeded runs reproducible
+        for offset in range(len(self)):
+            path, target = self.samples[(index + offset) % len(self)]
+            try:
+                image = load_image(path, self.decode_min_size)
+            except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
+                if not self.skip_bad_images:
+                    raise bad_image_error(path, error) from error
+                bad.append(path)
+                continue
+            if self.transform is not None:
+                image = self.transform(image)
+            return (image, target, BadImages(tuple(bad))) if bad else (image, target)
+        raise BadImageError(f"cannot read image {bad[0]!r}, nor any other image in {str(self.root)!r}")
 

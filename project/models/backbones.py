@@ -70,9 +70,24 @@ def simple_cnn(num_classes: int, pretrained: bool = False, **kw) -> nn.Module:
     return SimpleCNN(num_classes, **kw)
 
 
+def _last_linear(model: nn.Module) -> str:
+    """Name of the final nn.Linear: torchvision's classification head (`fc`, `classifier.3`, `heads.head`)."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear head (and no `head` submodule)")
+    return linears[-1]
+
+
+def head_name(model: nn.Module) -> str:
+    """Name of `model`'s classification head: its `head` submodule (SimpleCNN, swin, ...), else the final
+    nn.Linear. Everything else is the feature extractor that fine-tuning freezes."""
+    return "head" if isinstance(getattr(model, "head", None), nn.Module) else _last_linear(model)
+
+
 def _replace_last_linear(model: nn.Module, num_classes: int) -> None:
     """Swap the final nn.Linear (the ImageNet head) for a fresh one with `num_classes` outputs."""
-    name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    name = _last_linear(model)
+    last = model.get_submodule(name)
     parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
     setattr(parent, name.rpartition(".")[2], nn.Linear(last.in_features, num_classes))
 

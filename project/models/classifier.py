@@ -9,7 +9,7 @@ self-contained: `ImageClassifier.load_from_checkpoint(path)` needs no other argu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import lightning as L
 import torch
@@ -21,6 +21,14 @@ from project.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from project.models.backbones import build_backbone
 
 OPTIMIZERS = ("adamw", "sgd")
+
+
+def decay_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
+    """Optimizer param groups: weight decay on weight matrices and kernels only (decaying biases and
+    norm scales hurts)."""
+    params = list(params)
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -43,6 +51,8 @@ class ImageClassifier(L.LightningModule):
         lr, weight_decay: peak learning rate and decay (not applied to biases and norm weights).
         warmup_epochs: linear warm-up length before the cosine decay (fractions allowed).
         label_smoothing: cross-entropy label smoothing.
+        compile: `torch.compile` the backbone when the Trainer sets the model up (state_dict keys unchanged).
+        channels_last: keep weights and inputs NHWC-strided (faster convolutions on GPUs, mixed precision).
     """
 
     def __init__(
@@ -55,11 +65,13 @@ class ImageClassifier(L.LightningModule):
         std: Sequence[float] = IMAGENET_STD,
         pretrained: bool = False,
         optimizer: str = "adamw",
-        lr: float = 2e-3,
+        lr: float = 5e-3,
         weight_decay: float = 0.05,
         momentum: float = 0.9,
         warmup_epochs: float = 0.5,
         label_smoothing: float = 0.0,
+        compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -71,6 +83,8 @@ class ImageClassifier(L.LightningModule):
         self.save_hyperparameters()
 
         self.model = build_backbone(backbone, num_classes, pretrained=pretrained)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)  # 4-D weights only; values and keys unchanged
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         accuracy = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
         if num_classes > 5:
@@ -84,7 +98,16 @@ class ImageClassifier(L.LightningModule):
     def class_names(self) -> list[str]:
         return list(self.hparams.class_names)
 
+    def configure_model(self) -> None:
+        # Module.compile() compiles the call in place: parameters and state_dict keys stay those of the
+        # plain backbone (torch.compile(module) would prefix them with `_orig_mod.`), so checkpoints load
+        # with or without --compile
+        if self.hparams.get("compile") and getattr(self.model, "_compiled_call_impl", None) is None:
+            self.model.compile()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.get("channels_last"):
+            x = x.contiguous(memory_format=torch.channels_last)  # a no-op when the DataModule already did it
         return self.model(x)  # (B, 3, H, W) normalized float -> (B, num_classes) logits
 
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
@@ -93,13 +116,13 @@ class ImageClassifier(L.LightningModule):
         loss = self.criterion(logits, labels)
         metrics = getattr(self, f"{stage}_metrics")
         training = stage == "train"
-        if training:
-            metrics(logits, labels)  # forward: batch value for the step log, and accumulates for the epoch
-        else:
-            metrics.update(logits, labels)
-        self.log(f"{stage}/loss", loss, on_step=training, on_epoch=True, prog_bar=True,
+        # accumulate on the device; accuracy is computed once per epoch (a per-step batch value would cost
+        # a second computation and more logging every step, for a noisy curve the loss already shows)
+        metrics.update(logits, labels)
+        # one curve per name: train/loss per step, val/loss and test/loss per epoch (no _step/_epoch suffixes)
+        self.log(f"{stage}/loss", loss, on_step=training, on_epoch=not training, prog_bar=True,
                  batch_size=labels.shape[0], sync_dist=not training)
-        self.log_dict(metrics, on_step=training, on_epoch=True, prog_bar=not training,
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=not training,
                       batch_size=labels.shape[0])
         return loss
 
@@ -117,12 +140,8 @@ class ImageClassifier(L.LightningModule):
         return torch.softmax(self(images).float(), dim=1)  # (B, num_classes) probabilities
 
     def configure_optimizers(self):
-        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        # weight decay on weight matrices and kernels only: decaying biases and norm scales hurts
-        decay = [p for n, p in trainable if p.ndim > 1]
-        no_decay = [p for n, p in trainable if p.ndim <= 1]
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        trainable = [p for p in self.parameters() if p.requires_grad]  # frozen layers stay out
+        groups = decay_groups(trainable, self.hparams.weight_decay)
         if self.hparams.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=self.hparams.lr, momentum=self.hparams.momentum, nesterov=True)
         else:

@@ -1,0 +1,245 @@
+"""What a run does when something goes wrong: interruptions, non-finite losses, unreadable images, dead workers.
+
+Each fault ends the run with one line that says what happened and what to do, and an interruption
+leaves a checkpoint that `--ckpt_path last` resumes from.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from project.checkpointing import INTERRUPTED
+from project.data.folder import BadImageError
+
+
+class TrainingStopped(RuntimeError):
+    """A fault that ends the run; its message is the one line shown to the user."""
+
+
+class NonFiniteLossError(TrainingStopped):
+    pass
+
+
+class TooManyBadImagesError(TrainingStopped):
+    pass
+
+
+class InterruptCheckpoint(Callback):
+    """SIGTERM or SIGINT: finish the current step, save `interrupted.ckpt`, end with exit code 128 + signal.
+
+    Lightning already handles SIGTERM: its handler sets `trainer.received_sigterm` (and, under DDP, the
+    loops broadcast rank 0's flag), and the loops raise `SIGTERMException` at the next batch boundary, so
+    the model and optimizer state are consistent there. This callback sends Ctrl+C down the same path
+    (re-raising it as SIGTERM to this process, so Lightning also forwards it to DDP child processes) rather
+    than a `KeyboardInterrupt` in the middle of an optimizer step; a second Ctrl+C stops at once. The
+    checkpoint is written in `on_exception`, through the trainer's (atomic) checkpoint writer, into the
+    run's checkpoint folder, where `--ckpt_path last` finds it first.
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None  # the signal that stopped the run, if one did
+        self.saved: str | None = None
+        self._forced = False  # a second Ctrl+C: stop now, save nothing (the step was cut off midway)
+        self._previous_sigint: Any = None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signal or signal.SIGTERM)  # the shell's convention for "killed by signal N"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.signal, self.saved, self._forced = None, None, False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # here rather than in on_fit_start: Lightning installs its handlers (and saves the ones it finds to
+        # restore at teardown) between the two, and would otherwise restore this one after the run
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:
+            self._forced = True
+            raise KeyboardInterrupt
+        self.signal = signum
+        rank_zero_info("\nCtrl+C: saving a checkpoint after the current step (press it again to stop at once)")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _restore(self) -> None:
+        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+        # a worker that died of the same SIGTERM (sent to the whole process group) surfaces as a loader error
+        if not (isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or trainer.received_sigterm):
+            return
+        if self.signal is None:
+            self.signal = signal.SIGINT if isinstance(exception, KeyboardInterrupt) else signal.SIGTERM
+        if self._forced or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+        folder = folder or Path(trainer.log_dir or trainer.default_root_dir, "checkpoints")
+        path = os.path.join(folder, INTERRUPTED)
+        trainer.save_checkpoint(path)
+        self.saved = path
+        rank_zero_info(f"{signal.Signals(self.signal).name} at epoch {trainer.current_epoch}, step "
+                       f"{trainer.global_step}: saved {path}; resume with the same command plus --ckpt_path last")
+
+
+class NonFiniteLossGuard(Callback):
+    """Stop at the first NaN or inf training loss, naming the step and the learning rate.
+
+    Checked every step: Lightning's progress bar already reads the loss back every step, so the check
+    adds no extra device synchronization to a run that shows the bar.
+    """
+
+    def __init__(self) -> None:
+        self._lr: float | None = None
+        self._step = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # the step and learning rate the loss was computed with (both move on in the optimizer step)
+        self._step = trainer.global_step
+        self._lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if trainer.world_size > 1:  # every DDP process must stop together, or the others wait forever
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return
+        lr = "n/a" if self._lr is None else f"{self._lr:.3g}"
+        raise NonFiniteLossError(
+            f"training loss is {loss.detach().float().mean().item()} at step {self._step} "
+            f"(epoch {trainer.current_epoch}, batch {batch_idx}) with learning rate {lr}: lower --lr, set "
+            "--gradient_clip_val 1.0, or check the data; the last good checkpoint is in the run folder"
+        )
+
+
+class BadImageMonitor(Callback):
+    """With `--skip_bad_images`: count the unreadable files the DataModule skipped, report their names at the
+    end of each epoch (all of them in `<run>/bad_images.txt`), log `data/bad_images`, and stop the run once
+    more than `max_bad_fraction` of the images are unreadable.
+    """
+
+    def __init__(self, max_bad_fraction: float = 0.01) -> None:
+        self.max_bad_fraction = max_bad_fraction
+        self.bad: dict[str, None] = {}  # unique paths, in the order they were met
+        self._reported = 0
+
+    def _collect(self, trainer: L.Trainer) -> None:
+        found = getattr(trainer.datamodule, "bad_images", None)
+        if found:
+            self.bad.update(dict.fromkeys(found))
+            found.clear()
+
+    def _check(self, trainer: L.Trainer, count: int) -> None:
+        datamodule = trainer.datamodule
+        total = sum(len(d) for d in (getattr(datamodule, "train_set", None), getattr(datamodule, "val_set", None))
+                    if d is not None)
+        if total and count > self.max_bad_fraction * total:
+            names = ", ".join(list(self.bad)[:5])
+            raise TooManyBadImagesError(
+                f"{count} of {total} images are unreadable, more than --max_bad_fraction {self.max_bad_fraction} "
+                f"(e.g. {names}); fix or delete them, or raise --max_bad_fraction"
+            )
+
+    def _on_batch_end(self, trainer: L.Trainer) -> None:
+        self._collect(trainer)
+        # mid-epoch only on one process: a DDP process stopping alone would leave the others waiting
+        if trainer.world_size == 1:
+            self._check(trainer, len(self.bad))
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._on_batch_end(trainer)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._on_batch_end(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._collect(trainer)
+        # each DDP process reads its own share of the files: the run's count is the sum
+        count = int(trainer.strategy.reduce(torch.tensor(float(len(self.bad))), reduce_op="sum").item())
+        pl_module.log("data/bad_images", float(count))
+        log_dir = trainer.log_dir  # on every rank: under DDP it is a collective call
+        if len(self.bad) > self._reported:
+            self._reported = len(self.bad)
+            names = list(self.bad)
+            more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+            listing = ""
+            if log_dir:
+                listing_path = Path(log_dir, "bad_images.txt")
+                listing_path.parent.mkdir(parents=True, exist_ok=True)
+                listing_path.write_text("".join(f"{name}\n" for name in names))
+                listing = f" (all listed in {listing_path})"
+            rank_zero_info(f"skipped {len(names)} unreadable images so far{listing}: {', '.join(names[:10])}{more}")
+        self._check(trainer, count)
+
+
+def explain_failure(error: BaseException) -> str | None:
+    """One line saying what went wrong and what to do, for the failures a user can fix; None otherwise."""
+    if isinstance(error, BadImageError):
+        return error.summary
+    if isinstance(error, TrainingStopped):
+        return str(error)
+    text = str(error)
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    # a worker killed while handing over a batch breaks the pipe the batch travels through instead
+    in_loader = any("torch/utils/data/" in frame.filename for frame in traceback.extract_tb(error.__traceback__))
+    if in_loader and isinstance(error, (ConnectionError, EOFError)):
+        first = f"{type(error).__name__} {first}" if text.strip() else first
+        text += " DataLoader worker"
+    if "DataLoader worker" in text or "bus error" in text.lower():
+        shm = "out of shared memory" if ("shared memory" in text or "bus error" in text.lower()) else None
+        what = shm or "killed (often by the out-of-memory killer) or crashed"
+        return (f"a DataLoader worker process died ({what}: {first.rstrip('.')}); lower --num_workers "
+                "(or --batch_size), or enlarge /dev/shm (docker: --shm-size=8g; or mount a bigger tmpfs)")
+    if "DataLoader timed out" in text:
+        return (f"{first.rstrip('.')}: a worker spent longer than --loader_timeout on one batch (slow or hung "
+                "storage, a stuck decoder); raise --loader_timeout, or check the data folder's file system")
+    return None
+
+
+@contextmanager
+def clear_failures(trainer: L.Trainer, prog: str = "train.py") -> Iterator[None]:
+    """Turn the end of an interrupted or failed run into an exit code and one line on stderr.
+
+    An interruption exits with 128 + the signal number (its checkpoint is saved by `InterruptCheckpoint`);
+    a failure `explain_failure` knows exits with 1; anything else propagates with its traceback.
+    """
+    interrupt = next((c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint)), None)
+    try:
+        yield
+    except BaseException as error:
+        if interrupt is not None and interrupt.signal is not None:
+            raise SystemExit(interrupt.exit_code) from None
+        if isinstance(error, SIGTERMException):
+            raise SystemExit(128 + signal.SIGTERM) from None
+        message = explain_failure(error)
+        if message is None:
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
