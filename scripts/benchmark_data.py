@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 from project.benchmark import SECTIONS, BenchmarkConfig, run_benchmark  # noqa: E402
 from project.cli import ACCELERATORS, PRECISIONS, Parser, UsageError, positive_int  # noqa: E402
+from project.console import configure_console  # noqa: E402
 from project.data.throughput import usable_cpus  # noqa: E402
 from project.training import LOGS, check_accelerator, resolve_precision  # noqa: E402
 
@@ -90,6 +91,7 @@ def benchmark_parser() -> Parser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = benchmark_parser()
     args = parser.parse_args(argv)
+    configure_console()
     try:
         check_accelerator(args.accelerator)
     except UsageError as error:
