@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.profilers import AdvancedProfiler, PyTorchProfiler, SimpleProfiler
 
@@ -31,6 +31,8 @@ from project.models import ImageClassifier
 from project.models.finetune import FreezeBackbone
 
 LOGS = "lightning_logs"
+# the bar reads its metrics (a host sync on a GPU) at each refresh: every 10 steps keeps syncs off most steps
+PROGRESS_REFRESH_STEPS = 10
 PROFILERS = {"simple": SimpleProfiler, "advanced": AdvancedProfiler, "pytorch": PyTorchProfiler}
 
 
@@ -110,7 +112,8 @@ def build_model(args: argparse.Namespace, datamodule: ImageDataModule) -> ImageC
 
 def build_callbacks(args: argparse.Namespace) -> list[Callback]:
     """The run's callbacks besides checkpointing, in the order they should run."""
-    callbacks: list[Callback] = [LearningRateMonitor(logging_interval="step"), SaveConfig(args)]
+    callbacks: list[Callback] = [LearningRateMonitor(logging_interval="step"), SaveConfig(args),
+                                 TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS)]
     if args.unfreeze_at_epoch is not None and not args.freeze_backbone:
         raise UsageError(f"--unfreeze_at_epoch {args.unfreeze_at_epoch} needs --freeze_backbone (nothing is frozen)")
     if args.freeze_backbone:
