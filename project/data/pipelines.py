@@ -12,12 +12,11 @@ first prefetched batches are not timed), so the ratios say what each design choi
 - cache: the same DataModule with `cache=True`: the loader copies decoded pixels out of a memory map.
 
 `compare_pipelines` returns rows like `{"pipeline": "naive", "images_per_s": 210.0, "vs_naive": 1.0, ...}`;
-`per_image_costs` times the single steps on one core.
+`per_image_costs` times the single steps on one core. Rates come from `throughput.measure_loader`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import time
@@ -36,6 +35,7 @@ from torchvision.transforms import v2
 from project.data.builtin import generate_shapes
 from project.data.datamodule import ImageDataModule
 from project.data.folder import load_image
+from project.data.throughput import measure_loader
 from project.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform
 
 
@@ -66,54 +66,6 @@ class _NoWork(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.image.clone(), 0
-
-
-def _cpu_seconds(worker_pids: list[int]) -> float:
-    """CPU time used so far by this process and the given worker processes, all their threads.
-
-    Workers are read from Linux's /proc/<pid>/task/*/schedstat (nanoseconds; the 10 ms ticks of
-    /proc/<pid>/stat are too coarse for short runs); NaN where that is unavailable.
-    """
-    total = time.process_time()
-    for pid in worker_pids:
-        tasks = Path(f"/proc/{pid}/task")
-        if not tasks.is_dir():
-            return float("nan")
-        for task in tasks.iterdir():
-            with contextlib.suppress(OSError, ValueError, IndexError):  # a thread that ended meanwhile
-                total += int((task / "schedstat").read_text().split()[0]) / 1e9
-    return total
-
-
-def loader_rate(
-    loader: DataLoader,
-    to_batch: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    batches: int = 20,
-    warmup: int = 4,
-) -> dict[str, float]:
-    """Steady-state `{"images_per_s", "cpu_ms_per_image"}` of `loader`, including `to_batch` (the work
-    after the loader).
-
-    The first `warmup` batches are drawn but not timed: they pay for worker start-up and were
-    prefetched while the workers started. `cpu_ms_per_image` counts the CPU time of the main process
-    and the workers: the work itself, which other load on a shared machine does not inflate.
-    """
-    images_seen = 0
-    iterator = iter(loader)
-    try:
-        pids = [w.pid for w in getattr(iterator, "_workers", [])]
-        for _ in range(warmup):
-            next(iterator)
-        start, cpu_start = time.perf_counter(), _cpu_seconds(pids)
-        for _ in range(batches):
-            images = next(iterator)[0]
-            if to_batch is not None:
-                images = to_batch(images)
-            images_seen += images.shape[0]
-        wall, cpu = time.perf_counter() - start, _cpu_seconds(pids) - cpu_start
-        return {"images_per_s": images_seen / wall, "cpu_ms_per_image": cpu / images_seen * 1e3}
-    finally:
-        del iterator  # shuts the workers down
 
 
 def compare_pipelines(
@@ -173,9 +125,10 @@ def compare_pipelines(
     best: dict[str, dict[str, float]] = {}
     for _ in range(rounds):
         for name in include:
-            figures = loader_rate(*builders[name](), batches=batches, warmup=warmup)
-            if name not in best or figures["images_per_s"] > best[name]["images_per_s"]:
-                best[name] = figures
+            timed_loader, to_batch = builders[name]()
+            rate = measure_loader(timed_loader, batches=batches, warmup=warmup, to_batch=to_batch)
+            if name not in best or rate.per_s > best[name]["images_per_s"]:
+                best[name] = {"images_per_s": rate.per_s, "cpu_ms_per_image": rate.cpu_ms_per_sample}
     rows = []
     for name in include:
         rate, cpu = best[name]["images_per_s"], best[name]["cpu_ms_per_image"]

@@ -10,6 +10,7 @@ one for the main process, which runs the training loop.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -58,10 +60,33 @@ class Rate:
 
     samples: int
     seconds: float
+    cpu_seconds: float = math.nan  # CPU time of the main process and the workers over the same span
 
     @property
     def per_s(self) -> float:
         return self.samples / self.seconds if self.seconds > 0 else math.inf
+
+    @property
+    def cpu_ms_per_sample(self) -> float:
+        """The work per image, which other load on a shared machine does not inflate (unlike wall time)."""
+        return 1000 * self.cpu_seconds / self.samples if self.samples else math.nan
+
+
+def cpu_seconds(worker_pids: Sequence[int]) -> float:
+    """CPU time used so far by this process and the given worker processes, all their threads.
+
+    Workers are read from Linux's /proc/<pid>/task/*/schedstat (nanoseconds; the 10 ms ticks of
+    /proc/<pid>/stat are too coarse for short runs); NaN where that is unavailable.
+    """
+    total = time.process_time()
+    for pid in worker_pids:
+        tasks = Path(f"/proc/{pid}/task")
+        if not tasks.is_dir():
+            return math.nan
+        for task in tasks.iterdir():
+            with contextlib.suppress(OSError, ValueError, IndexError):  # a thread that ended meanwhile
+                total += int((task / "schedstat").read_text().split()[0]) / 1e9
+    return total
 
 
 def _batch_len(batch: object) -> int:
@@ -75,6 +100,7 @@ def measure_loader(
     warmup: int | None = None,
     max_seconds: float | None = None,
     progress: bool | str = False,
+    to_batch: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Rate:
     """Images per second a loader delivers in steady state, with nothing consuming the batches.
 
@@ -85,6 +111,8 @@ def measure_loader(
             one, because those were prepared during start-up and would inflate the rate.
         max_seconds: stop timing after this long (at least two batches are always timed).
         progress: show a tqdm bar (a string is used as its description).
+        to_batch: work done on each batch's images after the loader (e.g. the DataModule's device
+            transform), timed with it.
     """
     if warmup is None:
         workers = getattr(loader, "num_workers", 0)
@@ -95,24 +123,27 @@ def measure_loader(
                unit="batch", disable=not progress, leave=False)
     samples, timed = 0, 0
     iterator = iter(loader)
+    workers = [w.pid for w in getattr(iterator, "_workers", [])]
     try:
         for _ in range(warmup):
             next(iterator, None)
             bar.update()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), cpu_seconds(workers)
         for batch in iterator:
             bar.update()
+            if to_batch is not None:
+                to_batch(batch[0])
             samples += _batch_len(batch)
             timed += 1
             if timed >= batches or (max_seconds and timed >= 2 and time.perf_counter() - start > max_seconds):
                 break
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, cpu_seconds(workers) - cpu_start
     finally:
         bar.close()
         del iterator
     if timed == 0:
         raise ValueError(f"the loader ran out after {warmup} warm-up batches: nothing left to time")
-    return Rate(samples, seconds)
+    return Rate(samples, seconds, cpu)
 
 
 def autocast_for(device: torch.device, precision: str) -> torch.autocast | nullcontext:
