@@ -136,10 +136,10 @@ class NaNAfter(BoringModel):
 
 
 def test_nan_loss_stops_the_run_naming_step_and_learning_rate(tmp_path, capsys):
-    trainer = boring_trainer(tmp_path, [NonFiniteLossGuard()])
+    trainer = boring_trainer(tmp_path, [NonFiniteLossGuard(check_every_n_steps=4)])
     with pytest.raises(NonFiniteLossError, match=r"nan at step 3 .*learning rate 0\.1"):
         trainer.fit(NaNAfter(3))
-    assert trainer.global_step <= 4  # stopped at once, not after epochs of NaN
+    assert trainer.global_step == 4  # stopped at the first check after it, not after epochs of NaN
 
     trainer = boring_trainer(tmp_path, [NonFiniteLossGuard()])
     with pytest.raises(SystemExit) as stopped, clear_failures(trainer):

@@ -105,15 +105,18 @@ class InterruptCheckpoint(Callback):
 
 
 class NonFiniteLossGuard(Callback):
-    """Stop at the first NaN or inf training loss, naming the step and the learning rate.
+    """Stop once a training loss is NaN or inf, naming the step and the learning rate it had.
 
-    Checked every step: Lightning's progress bar already reads the loss back every step, so the check
-    adds no extra device synchronization to a run that shows the bar.
+    The losses of the last `check_every_n_steps` steps are kept on the device and read back together,
+    one host synchronization per check rather than one per step, so the guard stays off the hot path
+    on a GPU; a bad loss stops the run at most that many steps later (or at the end of its epoch).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, check_every_n_steps: int = 10) -> None:
+        self.check_every_n_steps = check_every_n_steps
         self._lr: float | None = None
         self._step = 0
+        self._window: list[tuple[torch.Tensor, int, int, int, float | None]] = []  # loss, step, epoch, batch, lr
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -126,16 +129,29 @@ class NonFiniteLossGuard(Callback):
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if not isinstance(loss, torch.Tensor):
             return
-        bad = not bool(torch.isfinite(loss.detach()).all())
-        if trainer.world_size > 1:  # every DDP process must stop together, or the others wait forever
-            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if not bad:
+        self._window.append((loss.detach().float().mean(), self._step, trainer.current_epoch, batch_idx, self._lr))
+        # checked here, also for an epoch's last batch, not in on_train_epoch_end: under DDP rank 0's progress
+        # bar syncs metrics there, and a second collective at that point would deadlock the processes
+        if len(self._window) >= self.check_every_n_steps or batch_idx + 1 >= trainer.num_training_batches:
+            self._check(trainer)
+
+    def _check(self, trainer: L.Trainer) -> None:
+        window, self._window = self._window, []
+        losses = torch.stack([entry[0] for entry in window]) if window else torch.zeros(0)
+        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()  # the one read back to the host
+        # every DDP process checks at the same steps and must stop together, or the others wait forever
+        stop = trainer.strategy.reduce_boolean_decision(bool(bad), all=False) if trainer.world_size > 1 else bool(bad)
+        if not stop:
             return
-        lr = "n/a" if self._lr is None else f"{self._lr:.3g}"
+        if not bad:
+            raise NonFiniteLossError("training loss is not finite on another process; lower --lr, set "
+                                     "--gradient_clip_val 1.0, or check the data")
+        loss, step, epoch, batch_idx, lr = window[bad[0]]
+        lr_text = "n/a" if lr is None else f"{lr:.3g}"
         raise NonFiniteLossError(
-            f"training loss is {loss.detach().float().mean().item()} at step {self._step} "
-            f"(epoch {trainer.current_epoch}, batch {batch_idx}) with learning rate {lr}: lower --lr, set "
-            "--gradient_clip_val 1.0, or check the data; the last good checkpoint is in the run folder"
+            f"training loss is {loss.item()} at step {step} (epoch {epoch}, batch {batch_idx}) with learning "
+            f"rate {lr_text}: lower --lr, set --gradient_clip_val 1.0, or check the data; the last good "
+            "checkpoint is in the run folder"
         )
 
 

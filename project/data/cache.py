@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -239,15 +239,3 @@ class CachedImageDataset(torch.utils.data.Dataset):
             image = self.transform(image)
         return image, int(self.samples.targets[index])
 
-
-def cached_splits(
-    splits: Sequence[tuple[str, ImageFolderDataset]],
-    cache_dir: str | os.PathLike,
-    image_size: int,
-    num_workers: int = 2,
-) -> dict[str, CachedImageDataset]:
-    """`CachedImageDataset`s for named folder datasets, building what is missing or stale."""
-    return {
-        split: CachedImageDataset(ensure_cache(ds, cache_dir, image_size, split, num_workers), ds)
-        for split, ds in splits
-    }
