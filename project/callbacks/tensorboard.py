@@ -302,7 +302,7 @@ class HparamsSummary(Callback):
     `default_hp_metric=False` it writes none; with True, a placeholder `hp_metric` of -1). This callback
     writes it once, when the results are known: after the test when the DataModule has a test split
     (`has_test`), else at the end of fitting. Columns: `hp/best_val_acc`, `hp/val_acc`, `hp/val_loss`,
-    `hp/train_loss`, `hp/test_acc`.
+    `hp/train_acc`, `hp/test_acc`.
 
     Args:
         params: the hyperparameters to show (e.g. the run's flags); default: those Lightning saved

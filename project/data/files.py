@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from project.data.folder import IMG_EXTENSIONS, BadImages, SampleList, bad_image_error, is_hidden, load_image
+from project.data.folder import BadImages, SampleList, bad_image_error, is_image_file, load_image, walk_files
 
 
 def list_images(inputs: Sequence[str | os.PathLike]) -> list[str]:
@@ -19,13 +19,7 @@ def list_images(inputs: Sequence[str | os.PathLike]) -> list[str]:
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            for dirpath, dirnames, filenames in sorted(os.walk(item, followlinks=True)):
-                dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-                found += [
-                    os.path.join(dirpath, f)
-                    for f in sorted(filenames)
-                    if not is_hidden(f) and f.lower().endswith(IMG_EXTENSIONS)
-                ]
+            found += [path for path in walk_files(item) if is_image_file(os.path.basename(path))]
         elif item.is_file():
             found.append(str(item))
         else:

@@ -99,23 +99,37 @@ class SampleList(Sequence):
         return (self[i] for i in range(len(self)))
 
 
+def is_image_file(name: str) -> bool:
+    return not is_hidden(name) and name.lower().endswith(IMG_EXTENSIONS)
+
+
+def walk_files(folder: str | os.PathLike) -> Iterator[str]:
+    """Every file under `folder`, hidden folders pruned, in torchvision's order (folders sorted, then files).
+
+    The walk is collected before sorting: `sorted(os.walk(...))` would run the whole walk before the
+    pruning of `dirnames` could take effect.
+    """
+    walked = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
+        walked.append((dirpath, filenames))
+    for dirpath, filenames in sorted(walked):
+        for filename in sorted(filenames):
+            yield os.path.join(dirpath, filename)
+
+
 def scan_folder(root: Path, classes: Sequence[str]) -> tuple[SampleList, int]:
     """Walk `root/<class>/` recursively; return the image samples and how many other files were skipped."""
     paths: list[str] = []
     targets: list[int] = []
     skipped = 0
     for index, name in enumerate(classes):
-        walked = []
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not is_hidden(d)]
-            walked.append((dirpath, filenames))
-        for dirpath, filenames in sorted(walked):  # torchvision's order: folders, then files, sorted
-            for filename in sorted(filenames):
-                if not is_hidden(filename) and filename.lower().endswith(IMG_EXTENSIONS):
-                    paths.append(os.path.join(dirpath, filename))
-                    targets.append(index)
-                else:
-                    skipped += 1
+        for path in walk_files(root / name):
+            if is_image_file(os.path.basename(path)):
+                paths.append(path)
+                targets.append(index)
+            else:
+                skipped += 1
     return SampleList(paths, targets), skipped
 
 

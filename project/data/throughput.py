@@ -155,7 +155,8 @@ def autocast_for(device: torch.device, precision: str) -> torch.autocast | nullc
     return nullcontext()
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work, so a timer read after it covers the work (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -191,14 +192,14 @@ def measure_model(
 
     for _ in range(warmup):  # lazy initialisation, cuDNN autotuning, allocator growth
         step()
-    _sync(device)
+    synchronize(device)
     start, done = time.perf_counter(), 0
     for _ in range(steps):
         step()
         done += 1
         if max_seconds and done >= 2 and time.perf_counter() - start > max_seconds:
             break
-    _sync(device)
+    synchronize(device)
     return Rate(done * batch_size, time.perf_counter() - start)
 
 

@@ -20,14 +20,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from project.data.throughput import autocast_for
+from project.data.throughput import autocast_for, synchronize
 from project.models.backbones import build_backbone
 from project.models.classifier import ImageClassifier, decay_groups
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_batches(count: int, batch_size: int, image_size: int, num_classes: int,
@@ -63,7 +58,7 @@ def raw_step_seconds(model: nn.Module, batches: list, steps: int = 30, warmup: i
     start = cpu_start = 0.0
     for i in range(warmup + steps):
         if i == warmup:
-            _sync(device)
+            synchronize(device)
             start, cpu_start = time.perf_counter(), time.process_time()
         images, labels = batches[i % len(batches)]
         with autocast_for(device, precision):
@@ -71,7 +66,7 @@ def raw_step_seconds(model: nn.Module, batches: list, steps: int = 30, warmup: i
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    _sync(device)
+    synchronize(device)
     return {"wall": (time.perf_counter() - start) / steps, "cpu": (time.process_time() - cpu_start) / steps}
 
 
@@ -84,7 +79,7 @@ class _StepTimer(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         if batch_idx + 1 >= self.warmup:
-            _sync(pl_module.device)
+            synchronize(pl_module.device)
             now = (time.perf_counter(), time.process_time())
             if batch_idx + 1 == self.warmup:
                 self.start = now
