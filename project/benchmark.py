@@ -78,8 +78,7 @@ class BenchmarkConfig:
 def source_images(config: BenchmarkConfig, size: int, count: int) -> Path:
     """At least `count` built-in shapes images at `size` px (a class-balanced train/ folder), generated once."""
     per_class = max(2, math.ceil(count / 8))
-    return make_benchmark_images(config.data_root / f"shapes{size}_{per_class}", image_size=size,
-                                 per_class=per_class)
+    return make_benchmark_images(config.data_root / f"shapes{size}_{per_class}", image_size=size, per_class=per_class)
 
 
 def feed_images(config: BenchmarkConfig) -> int:
@@ -90,12 +89,22 @@ def feed_images(config: BenchmarkConfig) -> int:
 def sweep_loader(config: BenchmarkConfig, data_dir: Path, num_workers: int) -> DataLoader:
     """The template's training pipeline on `data_dir`, sampled with replacement for as many batches
     as one measurement takes, so no epoch boundary (and no worker restart) falls inside the timing."""
-    dm = ImageDataModule(data_dir, image_size=config.image_size, batch_size=config.batch_size,
-                         rotation=config.rotation, augment_on="cpu", val_fraction=0.01)
+    dm = ImageDataModule(
+        data_dir,
+        image_size=config.image_size,
+        batch_size=config.batch_size,
+        rotation=config.rotation,
+        augment_on="cpu",
+        val_fraction=0.01,
+    )
     dm.setup("fit")
     batches = config.batches + 1 + 2 * num_workers  # timed + warm-up (see measure_loader)
-    sampler = RandomSampler(dm.train_set, replacement=True, num_samples=batches * config.batch_size,
-                            generator=torch.Generator().manual_seed(0))
+    sampler = RandomSampler(
+        dm.train_set,
+        replacement=True,
+        num_samples=batches * config.batch_size,
+        generator=torch.Generator().manual_seed(0),
+    )
     return DataLoader(dm.train_set, batch_size=config.batch_size, sampler=sampler, num_workers=num_workers)
 
 
@@ -106,11 +115,17 @@ def workers_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows:
     rows = []
     for n in sorted(config.workers):
         loader = sweep_loader(config, data_dir, n)
-        rate = measure_loader(loader, batches=config.batches,
-                              progress=f"loader, num_workers={n}" if config.progress else False)
+        rate = measure_loader(
+            loader, batches=config.batches, progress=f"loader, num_workers={n}" if config.progress else False
+        )
         del loader
-        rows.append({"num_workers": n, "loader_img_per_s": round(rate.per_s, 1),
-                     "batch_ms": round(1000 * config.batch_size / rate.per_s, 1)})
+        rows.append(
+            {
+                "num_workers": n,
+                "loader_img_per_s": round(rate.per_s, 1),
+                "batch_ms": round(1000 * config.batch_size / rate.per_s, 1),
+            }
+        )
     return rows
 
 
@@ -126,29 +141,61 @@ def sources_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows:
         decoded = [load_image(p) for p in paths]
         pipelines: list[tuple[str, float, Callable[[int], Any]]] = [
             ("no rotation", 0.0, template.__getitem__),
-            ("rotate at source size", config.rotation, naive_dataset(data_dir, config.image_size,
-                                                                     config.rotation).__getitem__),
+            (
+                "rotate at source size",
+                config.rotation,
+                naive_dataset(data_dir, config.image_size, config.rotation).__getitem__,
+            ),
             ("rotate at training size", config.rotation, template.__getitem__),
         ]
         for name, degrees, get in pipelines:
             template.transform = train_transform(config.image_size, degrees, hflip=False)
             ms = _ms_per_item(get, len(paths))
-            rows.append({"source_px": size, "pipeline": name, "rotation": degrees, "ms_per_img": round(ms, 3),
-                         "img_per_s": round(1000 / ms, 1)})
+            rows.append(
+                {
+                    "source_px": size,
+                    "pipeline": name,
+                    "rotation": degrees,
+                    "ms_per_img": round(ms, 3),
+                    "img_per_s": round(1000 / ms, 1),
+                }
+            )
         rotate_ms = _ms_per_item(lambda i, images=decoded: rotate(images[i]), len(decoded))
-        rows.append({"source_px": size, "pipeline": f"rotation alone at {size} px", "rotation": config.rotation,
-                     "ms_per_img": round(rotate_ms, 3), "img_per_s": round(1000 / rotate_ms, 1)})
+        rows.append(
+            {
+                "source_px": size,
+                "pipeline": f"rotation alone at {size} px",
+                "rotation": config.rotation,
+                "ms_per_img": round(rotate_ms, 3),
+                "img_per_s": round(1000 / rotate_ms, 1),
+            }
+        )
     return rows
 
 
 def model_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows:
     """Forward + backward img/s of the backbone on a ready batch already on the device."""
     model = build_backbone(config.backbone, num_classes=8)
-    rate = measure_model(model, config.batch_size, config.image_size, config.accelerator, config.precision,
-                         steps=config.model_steps, num_classes=8)
-    return [{"backbone": config.backbone, "device": config.accelerator, "precision": config.precision,
-             "batch_size": config.batch_size, "image_size": config.image_size,
-             "torch_threads": torch.get_num_threads(), "model_img_per_s": round(rate.per_s, 1)}]
+    rate = measure_model(
+        model,
+        config.batch_size,
+        config.image_size,
+        config.accelerator,
+        config.precision,
+        steps=config.model_steps,
+        num_classes=8,
+    )
+    return [
+        {
+            "backbone": config.backbone,
+            "device": config.accelerator,
+            "precision": config.precision,
+            "batch_size": config.batch_size,
+            "image_size": config.image_size,
+            "torch_threads": torch.get_num_threads(),
+            "model_img_per_s": round(rate.per_s, 1),
+        }
+    ]
 
 
 def end_to_end_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows:
@@ -160,14 +207,31 @@ def end_to_end_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Row
     chosen = choose_workers(loader_rates, model_rate)
 
     data_dir = source_images(config, config.source_size, feed_images(config))
-    dm = ImageDataModule(data_dir, image_size=config.image_size, batch_size=config.batch_size,
-                         num_workers=chosen, rotation=config.rotation, augment_on="cpu", val_fraction=0.01,
-                         drop_last=True)
+    dm = ImageDataModule(
+        data_dir,
+        image_size=config.image_size,
+        batch_size=config.batch_size,
+        num_workers=chosen,
+        rotation=config.rotation,
+        augment_on="cpu",
+        val_fraction=0.01,
+        drop_last=True,
+    )
     monitor = DataFeedMonitor(verbose=False)
-    trainer = L.Trainer(accelerator=config.accelerator, devices=1, precision=config.precision, max_epochs=1,
-                        limit_train_batches=config.e2e_steps, limit_val_batches=0, num_sanity_val_steps=0,
-                        logger=False, enable_checkpointing=False, enable_model_summary=False,
-                        enable_progress_bar=config.progress, callbacks=[monitor])
+    trainer = L.Trainer(
+        accelerator=config.accelerator,
+        devices=1,
+        precision=config.precision,
+        max_epochs=1,
+        limit_train_batches=config.e2e_steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=config.progress,
+        callbacks=[monitor],
+    )
     trainer.fit(ImageClassifier(config.backbone, num_classes=8, image_size=config.image_size), datamodule=dm)
     summary = monitor.summary
     ratio = loader_rates[chosen] / model_rate
@@ -177,10 +241,18 @@ def end_to_end_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Row
         reading = f"model-bound: the loader could deliver {ratio:.2f}x what the model takes"
     else:
         reading = f"balanced: the loader delivers {ratio:.2f}x the model's rate"
-    return [{"num_workers": chosen, "end_to_end_img_per_s": round(summary.samples_per_s, 1),
-             "loader_img_per_s": loader_rates[chosen], "model_img_per_s": model_rate,
-             "data_wait_fraction": round(summary.wait_fraction, 3), "verdict": reading,
-             "recommended_num_workers": chosen, "advice": summary.advice}]
+    return [
+        {
+            "num_workers": chosen,
+            "end_to_end_img_per_s": round(summary.samples_per_s, 1),
+            "loader_img_per_s": loader_rates[chosen],
+            "model_img_per_s": model_rate,
+            "data_wait_fraction": round(summary.wait_fraction, 3),
+            "verdict": reading,
+            "recommended_num_workers": chosen,
+            "advice": summary.advice,
+        }
+    ]
 
 
 def pipelines_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows:
@@ -188,18 +260,38 @@ def pipelines_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows
     images = (config.pipeline_batches + 4) * config.batch_size
     data_dir = source_images(config, config.pipeline_source_size, images)
     cache_dir = config.data_root / f"cache{config.pipeline_source_size}"
-    rows = compare_pipelines(data_dir, cache_dir, image_size=config.pipeline_image_size,
-                             batch_size=config.batch_size, num_workers=config.pipeline_workers,
-                             rotation=config.rotation, batches=config.pipeline_batches,
-                             rounds=config.pipeline_rounds)
-    return [{"source_px": config.pipeline_source_size, "image_size": config.pipeline_image_size,
-             "num_workers": config.pipeline_workers, **row} for row in rows]
+    rows = compare_pipelines(
+        data_dir,
+        cache_dir,
+        image_size=config.pipeline_image_size,
+        batch_size=config.batch_size,
+        num_workers=config.pipeline_workers,
+        rotation=config.rotation,
+        batches=config.pipeline_batches,
+        rounds=config.pipeline_rounds,
+    )
+    return [
+        {
+            "source_px": config.pipeline_source_size,
+            "image_size": config.pipeline_image_size,
+            "num_workers": config.pipeline_workers,
+            **row,
+        }
+        for row in rows
+    ]
 
 
 def overhead_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows:
     """Step time of ImageClassifier under the Trainer against a raw PyTorch loop on the same batches."""
-    return lightning_overhead(config.backbone, config.image_size, config.batch_size, device=config.accelerator,
-                              precision=config.precision, steps=config.overhead_steps, rounds=2)
+    return lightning_overhead(
+        config.backbone,
+        config.image_size,
+        config.batch_size,
+        device=config.accelerator,
+        precision=config.precision,
+        steps=config.overhead_steps,
+        rounds=2,
+    )
 
 
 def model_variants_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows:
@@ -207,8 +299,14 @@ def model_variants_section(config: BenchmarkConfig, results: dict[str, Rows]) ->
     include = ["eager", "channels_last", "bf16"]
     if config.accelerator != "cpu":  # compiling on a CPU takes longer than the rest of the benchmark
         include.append("compile")
-    return model_variants(config.backbone, config.image_size, config.batch_size, device=config.accelerator,
-                          steps=config.model_steps, include=include)
+    return model_variants(
+        config.backbone,
+        config.image_size,
+        config.batch_size,
+        device=config.accelerator,
+        steps=config.model_steps,
+        include=include,
+    )
 
 
 SECTIONS: dict[str, Callable[[BenchmarkConfig, dict[str, Rows]], Rows]] = {
@@ -266,8 +364,13 @@ def write_tensorboard(results: dict[str, Rows], logs_dir: Path) -> Path:
             metrics["feed/model_img_per_s"] = model
         logger.log_metrics(metrics, step=row["num_workers"])
     for row in results.get("end_to_end", []):
-        logger.log_metrics({"feed/end_to_end_img_per_s": row["end_to_end_img_per_s"],
-                            "feed/data_wait_fraction": row["data_wait_fraction"]}, step=row["num_workers"])
+        logger.log_metrics(
+            {
+                "feed/end_to_end_img_per_s": row["end_to_end_img_per_s"],
+                "feed/data_wait_fraction": row["data_wait_fraction"],
+            },
+            step=row["num_workers"],
+        )
     for row in results.get("sources", []):
         name = row["pipeline"].replace(" ", "_")
         logger.log_metrics({f"feed/source_ms_per_img/{name}": row["ms_per_img"]}, step=row["source_px"])
@@ -284,13 +387,18 @@ def write_chart(results: dict[str, Rows], path: Path, title: str = "") -> Path:
 
     workers = results.get("workers", [])
     fig, ax = plt.subplots(figsize=(6, 3.4), dpi=90)
-    ax.plot([r["num_workers"] for r in workers], [r["loader_img_per_s"] for r in workers], "o-",
-            label="loader only")
+    ax.plot([r["num_workers"] for r in workers], [r["loader_img_per_s"] for r in workers], "o-", label="loader only")
     if results.get("model"):
         ax.axhline(results["model"][0]["model_img_per_s"], color="tab:red", linestyle="--", label="model only")
     for row in results.get("end_to_end", []):
-        ax.plot([row["num_workers"]], [row["end_to_end_img_per_s"]], "s", color="tab:green", markersize=8,
-                label="end to end (training)")
+        ax.plot(
+            [row["num_workers"]],
+            [row["end_to_end_img_per_s"]],
+            "s",
+            color="tab:green",
+            markersize=8,
+            label="end to end (training)",
+        )
     ax.set_xlabel("num_workers")
     ax.set_ylabel("img/s")
     ax.set_ylim(bottom=0)
@@ -306,8 +414,14 @@ def write_chart(results: dict[str, Rows], path: Path, title: str = "") -> Path:
     return path
 
 
-def run_benchmark(config: BenchmarkConfig, sections: list[str], out_dir: Path, logs_dir: Path,
-                  chart: Path | None = None, echo: Callable[[str], None] = print) -> dict[str, Rows]:
+def run_benchmark(
+    config: BenchmarkConfig,
+    sections: list[str],
+    out_dir: Path,
+    logs_dir: Path,
+    chart: Path | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Rows]:
     """Run `sections` in order, print a table per section, write JSON, TensorBoard scalars and the chart."""
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
@@ -323,8 +437,10 @@ def run_benchmark(config: BenchmarkConfig, sections: list[str], out_dir: Path, l
     json_path.write_text(json.dumps({"config": settings, "cpus": usable_cpus(), "results": results}, indent=1))
     tb_dir = write_tensorboard(results, logs_dir)
     chart = chart or out_dir / "data_feed.png"
-    title = (f"{config.backbone}, {config.image_size} px, batch {config.batch_size}, {config.accelerator}, "
-             f"{usable_cpus()} CPUs")
+    title = (
+        f"{config.backbone}, {config.image_size} px, batch {config.batch_size}, {config.accelerator}, "
+        f"{usable_cpus()} CPUs"
+    )
     if results.get("workers"):
         write_chart(results, chart, title)
         echo(f"\nchart: {chart}")

@@ -62,8 +62,11 @@ class RollingLastModelCheckpoint(ModelCheckpoint):
 
     def _refresh_last(self, trainer: L.Trainer, at_train_epoch_end: bool) -> None:
         # skipped when the parent already saved at this step (then it wrote last.ckpt too)
-        if (self.save_last and at_train_epoch_end == self._should_save_on_train_epoch_end(trainer)
-                and not self._should_skip_saving_checkpoint(trainer)):
+        if (
+            self.save_last
+            and at_train_epoch_end == self._should_save_on_train_epoch_end(trainer)
+            and not self._should_skip_saving_checkpoint(trainer)
+        ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -78,8 +81,11 @@ class RollingLastModelCheckpoint(ModelCheckpoint):
 def model_checkpoint() -> ModelCheckpoint:
     """Best checkpoint by `val/acc` plus `last.ckpt` after every epoch, in `lightning_logs/version_N/checkpoints/`."""
     return RollingLastModelCheckpoint(
-        monitor="val/acc", mode="max", save_last=True,
-        filename="best-epoch{epoch:02d}-val_acc{val/acc:.4f}", auto_insert_metric_name=False,
+        monitor="val/acc",
+        mode="max",
+        save_last=True,
+        filename="best-epoch{epoch:02d}-val_acc{val/acc:.4f}",
+        auto_insert_metric_name=False,
     )
 
 
@@ -114,8 +120,9 @@ def run_checkpoints(root: str | os.PathLike) -> list[Path]:
     ordered: list[Path] = []
     for _, run in sorted(runs, reverse=True):
         checkpoints = [p for p in (run / "checkpoints").glob("*.ckpt") if p.is_file()]
-        ordered += sorted(checkpoints, key=lambda p: (p.name == INTERRUPTED, p.stat().st_mtime, p.name == "last.ckpt"),
-                          reverse=True)
+        ordered += sorted(
+            checkpoints, key=lambda p: (p.name == INTERRUPTED, p.stat().st_mtime, p.name == "last.ckpt"), reverse=True
+        )
     return ordered
 
 
@@ -136,13 +143,21 @@ def resolve_ckpt_path(ckpt_path: str | None, root: str | os.PathLike) -> str | N
 
     candidates = run_checkpoints(root)
     if not candidates:
-        raise UsageError(f"--ckpt_path last: no checkpoint under {str(Path(root, LOGS))!r}; "
-                         "run without --ckpt_path to start fresh, or pass --default_root_dir of the earlier run")
+        raise UsageError(
+            f"--ckpt_path last: no checkpoint under {str(Path(root, LOGS))!r}; "
+            "run without --ckpt_path to start fresh, or pass --default_root_dir of the earlier run"
+        )
     for candidate in candidates:
         if is_loadable(candidate):
             if candidate != candidates[0]:
-                warnings.warn(f"--ckpt_path last: {str(candidates[0])!r} is truncated or unreadable; "
-                              f"resuming from {str(candidate)!r} instead", UserWarning, stacklevel=2)
+                warnings.warn(
+                    f"--ckpt_path last: {str(candidates[0])!r} is truncated or unreadable; "
+                    f"resuming from {str(candidate)!r} instead",
+                    UserWarning,
+                    stacklevel=2,
+                )
             return str(candidate)
-    raise UsageError(f"--ckpt_path last: none of the {len(candidates)} checkpoints under "
-                     f"{str(Path(root, LOGS))!r} is loadable (all truncated or corrupt)")
+    raise UsageError(
+        f"--ckpt_path last: none of the {len(candidates)} checkpoints under "
+        f"{str(Path(root, LOGS))!r} is loadable (all truncated or corrupt)"
+    )

@@ -83,102 +83,255 @@ def fraction(text: str) -> float:
 
 def train_parser() -> Parser:
     p = Parser(prog="train.py", description="Train an image classifier (Lightning) on an image folder.")
-    p.add_argument("--config", type=Path, default=None,
-           help="YAML file of flags (e.g. a run's config.yaml); command-line flags override it")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML file of flags (e.g. a run's config.yaml); command-line flags override it",
+    )
 
     g = p.add_argument_group("data")
-    g.add_argument("--data_dir", "--data-dir", type=Path, default=None,
-                   help="data_dir/train/<class>/*, optional val/ and test/; default: the built-in shapes dataset")
+    g.add_argument(
+        "--data_dir",
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="data_dir/train/<class>/*, optional val/ and test/; default: the built-in shapes dataset",
+    )
     g.add_argument("--image_size", "--image-size", type=positive_int, default=64, help="training side in pixels")
     g.add_argument("--batch_size", "--batch-size", type=positive_int, default=32, help="images per batch (per device)")
-    g.add_argument("--num_workers", "--num-workers", type=workers_type, default=2,
-                   help="DataLoader worker processes, or auto: a short measured sweep picks the count")
-    g.add_argument("--drop_last", "--drop-last", action=argparse.BooleanOptionalAction, default=False,
-                   help="drop the last incomplete training batch")
+    g.add_argument(
+        "--num_workers",
+        "--num-workers",
+        type=workers_type,
+        default=2,
+        help="DataLoader worker processes, or auto: a short measured sweep picks the count",
+    )
+    g.add_argument(
+        "--drop_last",
+        "--drop-last",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="drop the last incomplete training batch",
+    )
     g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True, help="shuffle training data")
-    g.add_argument("--sampler", choices=SAMPLERS, default="random",
-                   help="balanced: class-balanced weighted sampling with replacement")
-    g.add_argument("--pin_memory", "--pin-memory", action=argparse.BooleanOptionalAction, default=None,
-                   help="default: on when training on a CUDA device")
-    g.add_argument("--persistent_workers", "--persistent-workers", action=argparse.BooleanOptionalAction,
-                   default=True, help="keep workers alive between epochs")
-    g.add_argument("--prefetch_factor", "--prefetch-factor", type=positive_int, default=None,
-                   help="batches each worker loads ahead (PyTorch's default: 2)")
+    g.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default="random",
+        help="balanced: class-balanced weighted sampling with replacement",
+    )
+    g.add_argument(
+        "--pin_memory",
+        "--pin-memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="default: on when training on a CUDA device",
+    )
+    g.add_argument(
+        "--persistent_workers",
+        "--persistent-workers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep workers alive between epochs",
+    )
+    g.add_argument(
+        "--prefetch_factor",
+        "--prefetch-factor",
+        type=positive_int,
+        default=None,
+        help="batches each worker loads ahead (PyTorch's default: 2)",
+    )
     g.add_argument("--rotation", type=float, default=15.0, help="random rotation range in degrees (0: off)")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips")
-    g.add_argument("--augment_on", "--augment-on", choices=AUGMENT_ON, default="auto",
-                   help="where augmentation runs; auto: on the device when it is not the CPU")
-    g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=False,
-                   help="decode and resize every image once into a uint8 store at --image_size; later epochs "
-                        "and runs read memory (rebuilt when the files, --image_size or the split change)")
-    g.add_argument("--cache_dir", "--cache-dir", type=Path, default=None,
-                   help="where --cache writes; default: data/cache/<dataset name>-<path hash>")
-    g.add_argument("--val_fraction", "--val-fraction", type=fraction, default=0.1,
-                   help="share of train/ held out (stratified, seeded) when there is no val/")
-    g.add_argument("--skip_bad_images", "--skip-bad-images", action=argparse.BooleanOptionalAction, default=False,
-                   help="replace unreadable (corrupt, truncated) images by the next readable one, count and "
-                        "report them; default: stop with an error naming the file")
-    g.add_argument("--max_bad_fraction", "--max-bad-fraction", type=float, default=0.01,
-                   help="with --skip_bad_images: stop once more than this share of the images is unreadable")
-    g.add_argument("--loader_timeout", "--loader-timeout", type=float, default=0.0,
-                   help="seconds a DataLoader worker may spend on one batch before the run stops "
-                        "(0: no limit; with --num_workers > 0)")
+    g.add_argument(
+        "--augment_on",
+        "--augment-on",
+        choices=AUGMENT_ON,
+        default="auto",
+        help="where augmentation runs; auto: on the device when it is not the CPU",
+    )
+    g.add_argument(
+        "--cache",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="decode and resize every image once into a uint8 store at --image_size; later epochs "
+        "and runs read memory (rebuilt when the files, --image_size or the split change)",
+    )
+    g.add_argument(
+        "--cache_dir",
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where --cache writes; default: data/cache/<dataset name>-<path hash>",
+    )
+    g.add_argument(
+        "--val_fraction",
+        "--val-fraction",
+        type=fraction,
+        default=0.1,
+        help="share of train/ held out (stratified, seeded) when there is no val/",
+    )
+    g.add_argument(
+        "--skip_bad_images",
+        "--skip-bad-images",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="replace unreadable (corrupt, truncated) images by the next readable one, count and "
+        "report them; default: stop with an error naming the file",
+    )
+    g.add_argument(
+        "--max_bad_fraction",
+        "--max-bad-fraction",
+        type=float,
+        default=0.01,
+        help="with --skip_bad_images: stop once more than this share of the images is unreadable",
+    )
+    g.add_argument(
+        "--loader_timeout",
+        "--loader-timeout",
+        type=float,
+        default=0.0,
+        help="seconds a DataLoader worker may spend on one batch before the run stops "
+        "(0: no limit; with --num_workers > 0)",
+    )
 
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default="simple_cnn", help="simple_cnn, resnet18, mobilenet_v3_small, ...")
-    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
-                   help="start from ImageNet weights (downloads them; fails clearly offline)")
+    g.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="start from ImageNet weights (downloads them; fails clearly offline)",
+    )
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="adamw, or sgd with Nesterov momentum")
     g.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
-    g.add_argument("--weight_decay", "--weight-decay", type=float, default=0.05,
-                   help="decoupled weight decay (not on biases and norm weights)")
+    g.add_argument(
+        "--weight_decay",
+        "--weight-decay",
+        type=float,
+        default=0.05,
+        help="decoupled weight decay (not on biases and norm weights)",
+    )
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--warmup_epochs", "--warmup-epochs", type=float, default=0.5,
-                   help="linear warm-up before the cosine decay")
-    g.add_argument("--label_smoothing", "--label-smoothing", type=float, default=0.0,
-                   help="cross-entropy label smoothing")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the backbone (pays off on GPUs for long runs; the first steps compile)")
-    g.add_argument("--channels_last", "--channels-last", action=argparse.BooleanOptionalAction, default=False,
-                   help="NHWC memory format for weights and batches (faster convolutions on tensor-core GPUs)")
-    g.add_argument("--freeze_backbone", "--freeze-backbone", action=argparse.BooleanOptionalAction, default=False,
-                   help="train only the classification head; the feature extractor is frozen")
-    g.add_argument("--unfreeze_at_epoch", "--unfreeze-at-epoch", type=non_negative_int, default=None,
-                   help="with --freeze_backbone: unfreeze the feature extractor at this epoch (0-based)")
+    g.add_argument(
+        "--warmup_epochs", "--warmup-epochs", type=float, default=0.5, help="linear warm-up before the cosine decay"
+    )
+    g.add_argument(
+        "--label_smoothing", "--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing"
+    )
+    g.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the backbone (pays off on GPUs for long runs; the first steps compile)",
+    )
+    g.add_argument(
+        "--channels_last",
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="NHWC memory format for weights and batches (faster convolutions on tensor-core GPUs)",
+    )
+    g.add_argument(
+        "--freeze_backbone",
+        "--freeze-backbone",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="train only the classification head; the feature extractor is frozen",
+    )
+    g.add_argument(
+        "--unfreeze_at_epoch",
+        "--unfreeze-at-epoch",
+        type=non_negative_int,
+        default=None,
+        help="with --freeze_backbone: unfreeze the feature extractor at this epoch (0-based)",
+    )
 
     g = p.add_argument_group("trainer")
     g.add_argument("--accelerator", choices=ACCELERATORS, default="auto", help="cpu, gpu, ... or auto")
     g.add_argument("--devices", type=devices_type, default="auto", help="a count, 'auto', or indices '0,1'")
     g.add_argument("--strategy", default="auto", help="auto, ddp, ddp_spawn, fsdp, ...")
-    g.add_argument("--num_nodes", "--num-nodes", type=positive_int, default=1,
-                   help="machines, each with --devices devices")
-    g.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto: bf16-mixed on GPUs that support it, else 32-true")
+    g.add_argument(
+        "--num_nodes", "--num-nodes", type=positive_int, default=1, help="machines, each with --devices devices"
+    )
+    g.add_argument(
+        "--precision", choices=PRECISIONS, default="auto", help="auto: bf16-mixed on GPUs that support it, else 32-true"
+    )
     g.add_argument("--max_epochs", "--max-epochs", type=positive_int, default=3, help="training epochs")
     g.add_argument("--profiler", choices=PROFILERS, default="none", help="report written into the run folder")
     g.add_argument("--seed", type=int, default=0, help="seeds torch, numpy, python and the workers")
-    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
-                   help="deterministic algorithms (bit-identical reruns on CPU)")
-    g.add_argument("--ckpt_path", "--ckpt-path", default=None,
-                   help="resume from a checkpoint file, or 'last': newest checkpoint of the newest run")
-    g.add_argument("--default_root_dir", "--default-root-dir", type=Path, default=Path("."),
-                   help="runs go to <default_root_dir>/lightning_logs/version_N")
-    g.add_argument("--limit_train_batches", "--limit-train-batches", type=int_or_float, default=1.0,
-                   help="int: batches per epoch; float: fraction")
-    g.add_argument("--limit_val_batches", "--limit-val-batches", type=int_or_float, default=1.0,
-                   help="int: batches per validation; float: fraction")
-    g.add_argument("--limit_test_batches", "--limit-test-batches", type=int_or_float, default=1.0,
-                   help="int: test batches; float: fraction")
-    g.add_argument("--fast_dev_run", "--fast-dev-run", type=non_negative_int, default=0,
-                   help="run N batches of train/val/test as a smoke test (no checkpoints)")
-    g.add_argument("--log_every_n_steps", "--log-every-n-steps", type=positive_int, default=10,
-                   help="steps between logged training scalars")
-    g.add_argument("--accumulate_grad_batches", "--accumulate-grad-batches", type=positive_int, default=1,
-                   help="sum gradients over this many batches per optimizer step")
-    g.add_argument("--gradient_clip_val", "--gradient-clip-val", type=float, default=None,
-                   help="clip gradients to this norm")
-    g.add_argument("--feed_monitor", "--feed-monitor", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure the data wait of every step and say whether data or model is the bottleneck")
+    g.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="deterministic algorithms (bit-identical reruns on CPU)",
+    )
+    g.add_argument(
+        "--ckpt_path",
+        "--ckpt-path",
+        default=None,
+        help="resume from a checkpoint file, or 'last': newest checkpoint of the newest run",
+    )
+    g.add_argument(
+        "--default_root_dir",
+        "--default-root-dir",
+        type=Path,
+        default=Path("."),
+        help="runs go to <default_root_dir>/lightning_logs/version_N",
+    )
+    g.add_argument(
+        "--limit_train_batches",
+        "--limit-train-batches",
+        type=int_or_float,
+        default=1.0,
+        help="int: batches per epoch; float: fraction",
+    )
+    g.add_argument(
+        "--limit_val_batches",
+        "--limit-val-batches",
+        type=int_or_float,
+        default=1.0,
+        help="int: batches per validation; float: fraction",
+    )
+    g.add_argument(
+        "--limit_test_batches",
+        "--limit-test-batches",
+        type=int_or_float,
+        default=1.0,
+        help="int: test batches; float: fraction",
+    )
+    g.add_argument(
+        "--fast_dev_run",
+        "--fast-dev-run",
+        type=non_negative_int,
+        default=0,
+        help="run N batches of train/val/test as a smoke test (no checkpoints)",
+    )
+    g.add_argument(
+        "--log_every_n_steps",
+        "--log-every-n-steps",
+        type=positive_int,
+        default=10,
+        help="steps between logged training scalars",
+    )
+    g.add_argument(
+        "--accumulate_grad_batches",
+        "--accumulate-grad-batches",
+        type=positive_int,
+        default=1,
+        help="sum gradients over this many batches per optimizer step",
+    )
+    g.add_argument(
+        "--gradient_clip_val", "--gradient-clip-val", type=float, default=None, help="clip gradients to this norm"
+    )
+    g.add_argument(
+        "--feed_monitor",
+        "--feed-monitor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the data wait of every step and say whether data or model is the bottleneck",
+    )
     return p
 
 

@@ -43,9 +43,11 @@ def export_paths(output: str | os.PathLike) -> dict[str, Path]:
     """The files `export` writes for the prefix `output`: `.pt2`, `.state_dict.pt` and `.json`."""
     output = Path(output)
     stem = output.with_suffix("") if output.suffix == ".pt2" else output
-    return {"program": stem.with_name(stem.name + ".pt2"),
-            "state_dict": stem.with_name(stem.name + ".state_dict.pt"),
-            "metadata": stem.with_name(stem.name + ".json")}
+    return {
+        "program": stem.with_name(stem.name + ".pt2"),
+        "state_dict": stem.with_name(stem.name + ".state_dict.pt"),
+        "metadata": stem.with_name(stem.name + ".json"),
+    }
 
 
 def export(checkpoint: str | os.PathLike, output: str | os.PathLike) -> dict[str, Any]:
@@ -56,8 +58,11 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike) -> dict[str
     model = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu").eval()
     hp = model.hparams
     metadata = {
-        "backbone": hp.backbone, "class_names": list(hp.class_names), "image_size": hp.image_size,
-        "mean": list(hp.mean), "std": list(hp.std),
+        "backbone": hp.backbone,
+        "class_names": list(hp.class_names),
+        "image_size": hp.image_size,
+        "mean": list(hp.mean),
+        "std": list(hp.std),
         "input": f"(B, 3, {hp.image_size}, {hp.image_size}) uint8 RGB, resized (shorter side) and centre-cropped",
         "output": f"(B, {hp.num_classes}) probabilities in class_names order",
     }

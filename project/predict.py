@@ -59,9 +59,16 @@ class CSVPredictionWriter(BasePredictionWriter):
         self._writer = csv.writer(self._file)
         self._writer.writerow(csv_header(self.top_k))
 
-    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: torch.Tensor,
-                           batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
-                           dataloader_idx: int) -> None:
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: torch.Tensor,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
         datamodule = trainer.datamodule
         dataset = datamodule.predict_set
         bad = set(datamodule.bad_images)  # filled for this batch by on_after_batch_transfer
@@ -71,8 +78,10 @@ class CSVPredictionWriter(BasePredictionWriter):
             if path in bad:
                 self._report(path)
                 continue
-            best = [(self.class_names[c], f"{p:.6f}")
-                    for c, p in zip(classes[row].tolist(), confidences[row].tolist(), strict=True)]
+            best = [
+                (self.class_names[c], f"{p:.6f}")
+                for c, p in zip(classes[row].tolist(), confidences[row].tolist(), strict=True)
+            ]
             self._writer.writerow([path, *best[0], *(value for pair in best for value in pair)])
             self.rows += 1
 
@@ -106,17 +115,28 @@ def predict(
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"no such checkpoint {str(checkpoint)!r} (a .ckpt file written by training)")
     if not list_images(inputs):  # also names a missing input
-        raise FileNotFoundError(f"no image files in {[str(i) for i in inputs]} "
-                                f"(extensions: {', '.join(IMG_EXTENSIONS)})")
+        raise FileNotFoundError(
+            f"no image files in {[str(i) for i in inputs]} (extensions: {', '.join(IMG_EXTENSIONS)})"
+        )
     model = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
     hp = model.hparams
     datamodule = ImageDataModule(
-        image_size=hp.image_size, mean=hp.mean, std=hp.std,
-        batch_size=batch_size, num_workers=num_workers,
-        predict_paths=list(inputs), skip_bad_images=True,
+        image_size=hp.image_size,
+        mean=hp.mean,
+        std=hp.std,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        predict_paths=list(inputs),
+        skip_bad_images=True,
     )
     writer = CSVPredictionWriter(output, model.class_names, top_k=top_k)
-    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, callbacks=[writer])
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[writer],
+    )
     trainer.predict(model, datamodule=datamodule, return_predictions=False)
     return {"output": str(output), "rows": writer.rows, "unreadable": writer.unreadable}

@@ -112,15 +112,23 @@ def build_model(args: argparse.Namespace, datamodule: ImageDataModule) -> ImageC
 
 def build_callbacks(args: argparse.Namespace) -> list[Callback]:
     """The run's callbacks besides checkpointing, in the order they should run."""
-    callbacks: list[Callback] = [LearningRateMonitor(logging_interval="step"), SaveConfig(args),
-                                 TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS)]
+    callbacks: list[Callback] = [
+        LearningRateMonitor(logging_interval="step"),
+        SaveConfig(args),
+        TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS),
+    ]
     if args.unfreeze_at_epoch is not None and not args.freeze_backbone:
         raise UsageError(f"--unfreeze_at_epoch {args.unfreeze_at_epoch} needs --freeze_backbone (nothing is frozen)")
     if args.freeze_backbone:
         callbacks.append(FreezeBackbone(unfreeze_at_epoch=args.unfreeze_at_epoch))
     # TensorBoard views: the augmented batch, confusion matrix, mistakes, graph, flags with final metrics
-    callbacks += [AugmentedBatchGrid(), ConfusionMatrixLogger(), MispredictionLogger(), ModelGraphLogger(),
-                  HparamsSummary({k: v for k, v in vars(args).items() if k != "config"})]
+    callbacks += [
+        AugmentedBatchGrid(),
+        ConfusionMatrixLogger(),
+        MispredictionLogger(),
+        ModelGraphLogger(),
+        HparamsSummary({k: v for k, v in vars(args).items() if k != "config"}),
+    ]
     if args.feed_monitor:
         callbacks.append(DataFeedMonitor())
     # faults: Ctrl+C / SIGTERM leave a resumable checkpoint; a NaN loss or too many unreadable images stop the run
@@ -192,8 +200,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     }
     if datamodule.has_test and not trainer.interrupted:
         with clear_failures(trainer):
-            tested = trainer.test(model, datamodule=datamodule,
-                                  ckpt_path="best" if checkpoint.best_model_path else None, verbose=False)
+            tested = trainer.test(
+                model, datamodule=datamodule, ckpt_path="best" if checkpoint.best_model_path else None, verbose=False
+            )
         results["test_acc"] = tested[0].get("test/acc") if tested else None
     if trainer.is_global_zero:
         print_summary(results, args)

@@ -42,48 +42,112 @@ def section_list(text: str) -> list[str]:
 
 def benchmark_parser() -> Parser:
     cpus = usable_cpus()
-    p = Parser(prog="benchmark_data.py", description="Measure loader, model and end-to-end img/s; say which "
-               "side is the bottleneck. Defaults finish in a few minutes on 2 CPU cores.")
+    p = Parser(
+        prog="benchmark_data.py",
+        description="Measure loader, model and end-to-end img/s; say which "
+        "side is the bottleneck. Defaults finish in a few minutes on 2 CPU cores.",
+    )
     p.add_argument("--accelerator", choices=ACCELERATORS, default="auto", help="cpu, gpu, ... or auto")
     p.add_argument("--backbone", default="simple_cnn", help="simple_cnn, resnet18, mobilenet_v3_small, ...")
     p.add_argument("--batch_size", "--batch-size", type=positive_int, default=32, help="images per batch")
     p.add_argument("--image_size", "--image-size", type=positive_int, default=64, help="training side in pixels")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto: bf16-mixed on GPUs that support it, else 32-true")
-    p.add_argument("--workers", type=int_list, default=list(range(cpus + 1)),
-                   help="num_workers values to sweep, comma-separated (default: 0 up to the CPU count)")
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default="auto", help="auto: bf16-mixed on GPUs that support it, else 32-true"
+    )
+    p.add_argument(
+        "--workers",
+        type=int_list,
+        default=list(range(cpus + 1)),
+        help="num_workers values to sweep, comma-separated (default: 0 up to the CPU count)",
+    )
     p.add_argument("--batches", type=positive_int, default=20, help="timed batches per loader measurement")
     p.add_argument("--rotation", type=float, default=15.0, help="random rotation range in degrees")
-    p.add_argument("--source_size", "--source-size", type=positive_int, default=300,
-                   help="source JPEG side for the sweep and the training run")
-    p.add_argument("--source_sizes", "--source-sizes", type=int_list, default=[300, 1024],
-                   help="source JPEG sides compared per image")
-    p.add_argument("--source_images", "--source-images", type=positive_int, default=16,
-                   help="images timed per source size")
-    p.add_argument("--model_steps", "--model-steps", type=positive_int, default=10,
-                   help="timed forward + backward steps")
+    p.add_argument(
+        "--source_size",
+        "--source-size",
+        type=positive_int,
+        default=300,
+        help="source JPEG side for the sweep and the training run",
+    )
+    p.add_argument(
+        "--source_sizes",
+        "--source-sizes",
+        type=int_list,
+        default=[300, 1024],
+        help="source JPEG sides compared per image",
+    )
+    p.add_argument(
+        "--source_images", "--source-images", type=positive_int, default=16, help="images timed per source size"
+    )
+    p.add_argument(
+        "--model_steps", "--model-steps", type=positive_int, default=10, help="timed forward + backward steps"
+    )
     p.add_argument("--e2e_steps", "--e2e-steps", type=positive_int, default=30, help="steps of the training run")
-    p.add_argument("--pipeline_source_size", "--pipeline-source-size", type=positive_int, default=1024,
-                   help="pipelines section: source JPEG side")
-    p.add_argument("--pipeline_image_size", "--pipeline-image-size", type=positive_int, default=224,
-                   help="pipelines section: training side")
-    p.add_argument("--pipeline_workers", "--pipeline-workers", type=int, default=2,
-                   help="pipelines section: num_workers, the same for every pipeline")
-    p.add_argument("--pipeline_batches", "--pipeline-batches", type=positive_int, default=10,
-                   help="pipelines section: timed batches per pipeline")
-    p.add_argument("--pipeline_rounds", "--pipeline-rounds", type=positive_int, default=1,
-                   help="pipelines section: interleaved repeats, best kept (steadier on a busy machine)")
-    p.add_argument("--overhead_steps", "--overhead-steps", type=positive_int, default=20,
-                   help="overhead section: timed training steps per loop")
-    p.add_argument("--sections", type=section_list, default=list(SECTIONS),
-                   help=f"comma-separated subset of {','.join(SECTIONS)}")
-    p.add_argument("--quick", action="store_true",
-                   help="a seconds-long smoke run: tiny images, batches and sweep (figures are not meaningful)")
-    p.add_argument("--out_dir", "--out-dir", type=Path, default=Path("benchmark_results"),
-                   help="benchmark.json, data_feed.png and the generated images go here")
+    p.add_argument(
+        "--pipeline_source_size",
+        "--pipeline-source-size",
+        type=positive_int,
+        default=1024,
+        help="pipelines section: source JPEG side",
+    )
+    p.add_argument(
+        "--pipeline_image_size",
+        "--pipeline-image-size",
+        type=positive_int,
+        default=224,
+        help="pipelines section: training side",
+    )
+    p.add_argument(
+        "--pipeline_workers",
+        "--pipeline-workers",
+        type=int,
+        default=2,
+        help="pipelines section: num_workers, the same for every pipeline",
+    )
+    p.add_argument(
+        "--pipeline_batches",
+        "--pipeline-batches",
+        type=positive_int,
+        default=10,
+        help="pipelines section: timed batches per pipeline",
+    )
+    p.add_argument(
+        "--pipeline_rounds",
+        "--pipeline-rounds",
+        type=positive_int,
+        default=1,
+        help="pipelines section: interleaved repeats, best kept (steadier on a busy machine)",
+    )
+    p.add_argument(
+        "--overhead_steps",
+        "--overhead-steps",
+        type=positive_int,
+        default=20,
+        help="overhead section: timed training steps per loop",
+    )
+    p.add_argument(
+        "--sections", type=section_list, default=list(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a seconds-long smoke run: tiny images, batches and sweep (figures are not meaningful)",
+    )
+    p.add_argument(
+        "--out_dir",
+        "--out-dir",
+        type=Path,
+        default=Path("benchmark_results"),
+        help="benchmark.json, data_feed.png and the generated images go here",
+    )
     p.add_argument("--chart", type=Path, default=None, help="PNG path (default: <out_dir>/data_feed.png)")
-    p.add_argument("--default_root_dir", "--default-root-dir", type=Path, default=Path("."),
-                   help="TensorBoard scalars go to <default_root_dir>/lightning_logs/benchmark/version_N")
+    p.add_argument(
+        "--default_root_dir",
+        "--default-root-dir",
+        type=Path,
+        default=Path("."),
+        help="TensorBoard scalars go to <default_root_dir>/lightning_logs/benchmark/version_N",
+    )
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
     return p
 
@@ -104,14 +168,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.accelerator not in ("auto", "cpu", "gpu", "cuda"):
         device = args.accelerator
     config = BenchmarkConfig(
-        accelerator=device, backbone=args.backbone, batch_size=args.batch_size, image_size=args.image_size,
-        precision=resolve_precision(args.precision, device), workers=args.workers, batches=args.batches,
-        source_size=args.source_size, source_sizes=args.source_sizes, source_images=args.source_images,
-        rotation=args.rotation, model_steps=args.model_steps, e2e_steps=args.e2e_steps,
-        pipeline_source_size=args.pipeline_source_size, pipeline_image_size=args.pipeline_image_size,
-        pipeline_workers=args.pipeline_workers, pipeline_batches=args.pipeline_batches,
-        pipeline_rounds=args.pipeline_rounds, overhead_steps=args.overhead_steps,
-        data_root=args.out_dir / "data", progress=args.progress,
+        accelerator=device,
+        backbone=args.backbone,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        precision=resolve_precision(args.precision, device),
+        workers=args.workers,
+        batches=args.batches,
+        source_size=args.source_size,
+        source_sizes=args.source_sizes,
+        source_images=args.source_images,
+        rotation=args.rotation,
+        model_steps=args.model_steps,
+        e2e_steps=args.e2e_steps,
+        pipeline_source_size=args.pipeline_source_size,
+        pipeline_image_size=args.pipeline_image_size,
+        pipeline_workers=args.pipeline_workers,
+        pipeline_batches=args.pipeline_batches,
+        pipeline_rounds=args.pipeline_rounds,
+        overhead_steps=args.overhead_steps,
+        data_root=args.out_dir / "data",
+        progress=args.progress,
     )
     if args.quick:
         config.batch_size, config.image_size, config.batches = 8, 32, 3

@@ -19,8 +19,12 @@ from project.export import export  # noqa: E402
 def parser() -> Parser:
     p = Parser(prog="export.py", description="Export a checkpoint for plain PyTorch (torch.export + state_dict).")
     p.add_argument("--checkpoint", type=Path, required=True, help="a .ckpt written by train.py")
-    p.add_argument("--output", type=Path, default=Path("exported/model"),
-                   help="path prefix: writes <output>.pt2, <output>.state_dict.pt and <output>.json")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=Path("exported/model"),
+        help="path prefix: writes <output>.pt2, <output>.state_dict.pt and <output>.json",
+    )
     return p
 
 

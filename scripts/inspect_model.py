@@ -24,14 +24,28 @@ def parser() -> Parser:
     p = Parser(prog="inspect_model.py", description="Print what is inside a backbone or a trained checkpoint.")
     p.add_argument("--backbone", default="simple_cnn", help="simple_cnn, resnet18, mobilenet_v3_small, ...")
     p.add_argument("--num_classes", "--num-classes", type=positive_int, default=8, help="outputs of the head")
-    p.add_argument("--image_size", "--image-size", type=positive_int, default=64,
-                   help="side of the dummy input images in pixels")
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help="a trained .ckpt: its backbone, classes, image size and weights replace the flags above")
-    p.add_argument("--freeze_backbone", "--freeze-backbone", action=argparse.BooleanOptionalAction, default=False,
-                   help="freeze the feature extractor first, as training with --freeze_backbone does")
-    p.add_argument("--full", action=argparse.BooleanOptionalAction, default=False,
-                   help="list every state_dict entry (default: the first and last ones of a long list)")
+    p.add_argument(
+        "--image_size", "--image-size", type=positive_int, default=64, help="side of the dummy input images in pixels"
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="a trained .ckpt: its backbone, classes, image size and weights replace the flags above",
+    )
+    p.add_argument(
+        "--freeze_backbone",
+        "--freeze-backbone",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="freeze the feature extractor first, as training with --freeze_backbone does",
+    )
+    p.add_argument(
+        "--full",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="list every state_dict entry (default: the first and last ones of a long list)",
+    )
     return p
 
 
@@ -45,8 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = classifier.model
             hp = classifier.hparams
             num_classes, image_size = hp.num_classes, hp.image_size
-            print(f"checkpoint {args.checkpoint}: backbone {hp.backbone}, {num_classes} classes "
-                  f"({', '.join(hp.class_names)}), image size {image_size}\n")
+            print(
+                f"checkpoint {args.checkpoint}: backbone {hp.backbone}, {num_classes} classes "
+                f"({', '.join(hp.class_names)}), image size {image_size}\n"
+            )
         else:
             model = build_backbone(args.backbone, args.num_classes)
             num_classes, image_size = args.num_classes, args.image_size

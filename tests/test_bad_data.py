@@ -116,8 +116,10 @@ def test_non_image_files_are_ignored_and_counted_in_a_one_line_summary(tmp_path,
     dm.setup("fit")
     assert dm.classes == ["a", "b"]
     lines = [line for line in lightning_log() if line.startswith("data:")]
-    assert lines == ["data: train 12, val 4 images in 2 classes; ignored 2 non-image files"
-                     f" (extensions: {', '.join(__import__('project').data.IMG_EXTENSIONS)})"]
+    assert lines == [
+        "data: train 12, val 4 images in 2 classes; ignored 2 non-image files"
+        f" (extensions: {', '.join(__import__('project').data.IMG_EXTENSIONS)})"
+    ]
 
 
 def test_empty_data_dir_is_one_line_listing_what_was_found(tmp_path, capsys):
@@ -178,8 +180,24 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 def train_argv(data: Path, root: Path, *extra: str) -> list[str]:
-    return ["--data_dir", str(data), "--default_root_dir", str(root), "--image_size", "16", "--batch_size", "8",
-            "--max_epochs", "1", "--num_workers", "2", "--accelerator", "cpu", "--no-feed_monitor", *extra]
+    return [
+        "--data_dir",
+        str(data),
+        "--default_root_dir",
+        str(root),
+        "--image_size",
+        "16",
+        "--batch_size",
+        "8",
+        "--max_epochs",
+        "1",
+        "--num_workers",
+        "2",
+        "--accelerator",
+        "cpu",
+        "--no-feed_monitor",
+        *extra,
+    ]
 
 
 @pytest.mark.slow

@@ -28,8 +28,20 @@ def one_thread():
 
 
 def test_quick_run_writes_consistent_figures(tmp_path, capsys, one_thread):
-    code = benchmark_data.main(["--quick", "--accelerator", "cpu", "--workers", "0,1", "--out_dir",
-                                str(tmp_path / "out"), "--default_root_dir", str(tmp_path), "--no-progress"])
+    code = benchmark_data.main(
+        [
+            "--quick",
+            "--accelerator",
+            "cpu",
+            "--workers",
+            "0,1",
+            "--out_dir",
+            str(tmp_path / "out"),
+            "--default_root_dir",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     for word in ("img/s", "loader", "model", "num_workers"):
@@ -44,7 +56,8 @@ def test_quick_run_writes_consistent_figures(tmp_path, capsys, one_thread):
     # the recommendation is the choice rule applied to the measured rates, and the verdict the monitor's reading
     assert e2e["recommended_num_workers"] == choose_workers(loader, model)
     verdict = {"data-bound": "loader-bound", "model-bound": "model-bound"}.get(
-        classify(e2e["data_wait_fraction"]), "balanced")
+        classify(e2e["data_wait_fraction"]), "balanced"
+    )
     assert e2e["verdict"].startswith(verdict)
     # training cannot outrun its slower side (2x: timing noise of a few short measurements)
     assert 0 < e2e["end_to_end_img_per_s"] <= 2 * min(loader[e2e["num_workers"]], model)

@@ -27,29 +27,32 @@ def one_line_error(capsys) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize(("argv", "flag"), [
-    (["--lr", "-1"], "--lr"),
-    (["--lr", "nan"], "--lr"),
-    (["--momentum", "1.5"], "--momentum"),
-    (["--label_smoothing", "1"], "--label_smoothing"),
-    (["--rotation", "400"], "--rotation"),
-    (["--weight_decay", "-0.1"], "--weight_decay"),
-    (["--max_bad_fraction", "2"], "--max_bad_fraction"),
-    (["--loader_timeout", "-1"], "--loader_timeout"),
-    (["--limit_train_batches", "1.5"], "--limit_train_batches"),
-    (["--seed", "-3"], "--seed"),
-    (["--devices", "0"], "--devices"),
-    (["--devices", "zero"], "--devices"),
-    (["--strategy", "dpp"], "--strategy"),
-    (["--backbone", "resnet19"], "--backbone"),
-    (["--accelerator", "gpus"], "--accelerator"),
-    (["--batch_size", "0"], "--batch_size"),
-    (["--num_workers", "-2"], "--num_workers"),
-    (["--precision", "8"], "--precision"),
-    (["--data_dir", "no/such/folder"], "--data_dir"),
-    (["--ckpt_path", "no/such.ckpt"], "--ckpt_path"),
-    (["--max_epochs", "many"], "--max_epochs"),
-])
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--lr", "-1"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--momentum", "1.5"], "--momentum"),
+        (["--label_smoothing", "1"], "--label_smoothing"),
+        (["--rotation", "400"], "--rotation"),
+        (["--weight_decay", "-0.1"], "--weight_decay"),
+        (["--max_bad_fraction", "2"], "--max_bad_fraction"),
+        (["--loader_timeout", "-1"], "--loader_timeout"),
+        (["--limit_train_batches", "1.5"], "--limit_train_batches"),
+        (["--seed", "-3"], "--seed"),
+        (["--devices", "0"], "--devices"),
+        (["--devices", "zero"], "--devices"),
+        (["--strategy", "dpp"], "--strategy"),
+        (["--backbone", "resnet19"], "--backbone"),
+        (["--accelerator", "gpus"], "--accelerator"),
+        (["--batch_size", "0"], "--batch_size"),
+        (["--num_workers", "-2"], "--num_workers"),
+        (["--precision", "8"], "--precision"),
+        (["--data_dir", "no/such/folder"], "--data_dir"),
+        (["--ckpt_path", "no/such.ckpt"], "--ckpt_path"),
+        (["--max_epochs", "many"], "--max_epochs"),
+    ],
+)
 def test_bad_flag_is_one_line_naming_it_with_exit_code_2(argv, flag, capsys):
     assert run(argv) == 2
     assert flag in one_line_error(capsys)

@@ -50,10 +50,20 @@ def sleepy_collate(items):
 
 def fit(model: L.LightningModule, loader: DataLoader, tmp_path, batches: int) -> tuple[DataFeedMonitor, L.Trainer]:
     monitor = DataFeedMonitor(log_every_n_steps=1)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=batches,
-                        limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
-                        enable_model_summary=False, enable_progress_bar=False,
-                        logger=CSVLogger(tmp_path, name="feed"), callbacks=[monitor], default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=batches,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        logger=CSVLogger(tmp_path, name="feed"),
+        callbacks=[monitor],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, train_dataloaders=loader)
     return monitor, trainer
 
@@ -110,13 +120,17 @@ def test_thresholds_flip_the_verdict():
 def test_advice_follows_the_bottleneck():
     # waiting 2/3 of the time with 2 workers: each worker needs 3 step-times per batch -> 6 workers
     assert recommend(2 / 3, 0.2, 0.1, num_workers=2, max_workers=15) == (
-        "data-bound", "raise --num_workers from 2 to 6")
+        "data-bound",
+        "raise --num_workers from 2 to 6",
+    )
     assert recommend(2 / 3, 0.2, 0.1, num_workers=2, max_workers=4)[1] == "raise --num_workers from 2 to 4"
     # the same run once the loader keeps up
     assert recommend(0.03, 0.003, 0.1, num_workers=6, max_workers=15) == ("model-bound", MODEL_ADVICE)
     # workers maxed out: move the augmentation off the CPU, else cache the decoded images
-    assert recommend(0.5, 0.1, 0.1, num_workers=4, max_workers=4, on_accelerator=True,
-                     augment_on="cpu")[1] == "use --augment_on device"
+    assert (
+        recommend(0.5, 0.1, 0.1, num_workers=4, max_workers=4, on_accelerator=True, augment_on="cpu")[1]
+        == "use --augment_on device"
+    )
     assert recommend(0.5, 0.1, 0.1, num_workers=4, max_workers=4, on_accelerator=False)[1] == "use --cache"
     assert "--num_workers" not in recommend(0.5, 0.1, 0.1, num_workers=4, max_workers=4, cached=True)[1]
 
@@ -128,8 +142,7 @@ def test_workers_needed_scales_with_the_wait():
 
 
 def test_summary_line_reports_the_figures():
-    summary = FeedSummary(steps=10, samples=640, wait_s=3.0, step_s=1.0, verdict="data-bound",
-                          advice="use --cache")
+    summary = FeedSummary(steps=10, samples=640, wait_s=3.0, step_s=1.0, verdict="data-bound", advice="use --cache")
     assert summary.wait_fraction == pytest.approx(0.75)
     assert summary.samples_per_s == pytest.approx(160.0)
     line = summary.line()
@@ -150,8 +163,17 @@ def test_monitor_is_on_by_default_and_off_with_the_flag():
 def test_cuda_events_measure_the_wait_without_syncing(tmp_path):
     loader = DataLoader(RandomImages(48), batch_size=4, collate_fn=sleepy_collate)
     monitor = DataFeedMonitor(log_every_n_steps=1)
-    trainer = L.Trainer(accelerator="gpu", devices=1, max_epochs=1, limit_train_batches=6, limit_val_batches=0,
-                        enable_checkpointing=False, logger=False, callbacks=[monitor], default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=6,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        logger=False,
+        callbacks=[monitor],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(ImageClassifier("simple_cnn", num_classes=8), train_dataloaders=loader)
     summary = monitor.summary
     assert summary.steps == 4 and summary.verdict == "data-bound"
@@ -160,8 +182,9 @@ def test_cuda_events_measure_the_wait_without_syncing(tmp_path):
 
 def test_monitor_costs_far_less_than_one_percent_of_a_step():
     # the hooks alone, called as the loop calls them; a 10 ms step (a small model on a GPU) is the yardstick
-    trainer = SimpleNamespace(log_every_n_steps=10**9, loggers=[], global_step=0,
-                              strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    trainer = SimpleNamespace(
+        log_every_n_steps=10**9, loggers=[], global_step=0, strategy=SimpleNamespace(root_device=torch.device("cpu"))
+    )
     monitor = DataFeedMonitor()
     monitor.on_fit_start(trainer, None)
     monitor.on_train_epoch_start(trainer, None)
@@ -198,9 +221,16 @@ class LaggingEvent:
 
 def test_event_readings_arriving_late_lose_no_step(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "Event", LaggingEvent)
-    trainer = SimpleNamespace(log_every_n_steps=3, loggers=[], global_step=0, num_devices=1, datamodule=None,
-                              train_dataloader=SimpleNamespace(num_workers=0), is_global_zero=True,
-                              strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    trainer = SimpleNamespace(
+        log_every_n_steps=3,
+        loggers=[],
+        global_step=0,
+        num_devices=1,
+        datamodule=None,
+        train_dataloader=SimpleNamespace(num_workers=0),
+        is_global_zero=True,
+        strategy=SimpleNamespace(root_device=torch.device("cuda", 0)),
+    )
     shown = {}
     module = SimpleNamespace(log=lambda name, value, **kw: shown.update({name: value}))
     monitor = DataFeedMonitor(warmup_steps=1)

@@ -138,8 +138,9 @@ def test_val_with_other_classes_is_rejected(tiny_shapes, tmp_path):
 
 
 def test_test_and_predict_loaders(tiny_shapes):
-    dm = ImageDataModule(data_dir=tiny_shapes, image_size=32, num_workers=0,
-                         predict_paths=[tiny_shapes / "test" / "star"])
+    dm = ImageDataModule(
+        data_dir=tiny_shapes, image_size=32, num_workers=0, predict_paths=[tiny_shapes / "test" / "star"]
+    )
     dm.setup("test")
     dm.setup("predict")
     assert len(dm.test_set) == 80 and dm.test_set.classes == dm.classes

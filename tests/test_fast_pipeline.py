@@ -38,13 +38,23 @@ def large_jpegs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_fast_path_yields_what_the_plain_path_yields(large_jpegs: Path) -> None:
-    dm = ImageDataModule(large_jpegs, image_size=32, batch_size=24, num_workers=0, shuffle=False,
-                         rotation=0.0, hflip=False, augment_on="cpu")
+    dm = ImageDataModule(
+        large_jpegs,
+        image_size=32,
+        batch_size=24,
+        num_workers=0,
+        shuffle=False,
+        rotation=0.0,
+        hflip=False,
+        augment_on="cpu",
+    )
     dm.setup("fit")
     images, labels = next(iter(dm.train_dataloader()))
     # the plain path: full-size decode, resize, float tensor, normalize, all per image
-    plain = datasets.ImageFolder(str(large_jpegs / "train"), transform=T.Compose(
-        [T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
+    plain = datasets.ImageFolder(
+        str(large_jpegs / "train"),
+        transform=T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]),
+    )
     plain_images = torch.stack([plain[i][0] for i in range(len(labels))])
     plain_labels = torch.tensor([plain[i][1] for i in range(len(labels))])
 
@@ -127,8 +137,7 @@ def test_batched_rotate_flip_equals_the_cpu_rotate_then_flip(angle: float, flip:
 
 
 def test_augment_on_device_moves_augmentation_out_of_the_workers(large_jpegs: Path) -> None:
-    dm = ImageDataModule(large_jpegs, image_size=32, batch_size=8, num_workers=0, rotation=15.0,
-                         augment_on="device")
+    dm = ImageDataModule(large_jpegs, image_size=32, batch_size=8, num_workers=0, rotation=15.0, augment_on="device")
     dm.setup("fit")
     names = [type(t).__name__ for t in dm.train_set.transform.transforms]
     assert "RandomRotation" not in names and "RandomHorizontalFlip" not in names
@@ -168,8 +177,20 @@ def test_compile_does_not_change_outputs_or_checkpoint_keys() -> None:
 
 
 def test_flags_reach_the_datamodule_and_the_model(tiny_shapes: Path, tmp_path: Path) -> None:
-    args = parse_args(train_parser(), ["--data_dir", str(tiny_shapes), "--cache", "--cache-dir", str(tmp_path),
-                                       "--compile", "--channels_last", "--augment_on", "device"])
+    args = parse_args(
+        train_parser(),
+        [
+            "--data_dir",
+            str(tiny_shapes),
+            "--cache",
+            "--cache-dir",
+            str(tmp_path),
+            "--compile",
+            "--channels_last",
+            "--augment_on",
+            "device",
+        ],
+    )
     dm = build_datamodule(args)
     assert dm.cache and dm.cache_dir == tmp_path and dm.channels_last and dm.augment_on == "device"
     model = build_model(args, dm)
@@ -189,8 +210,16 @@ def test_pin_memory_and_persistent_workers_defaults(tiny_shapes: Path) -> None:
 def test_pipeline_comparison_ranks_the_work_per_image(tmp_path: Path) -> None:
     # 1024 px sources: each step down saves milliseconds per image, far above the timing noise
     root = generate_shapes(tmp_path / "jpegs", image_size=1024, per_class={"train": 4}, progress=False)
-    rows = compare_pipelines(root, tmp_path / "cache", image_size=64, batch_size=8, num_workers=2,
-                             batches=4, warmup=2, include=("naive", "fast", "cache"))
+    rows = compare_pipelines(
+        root,
+        tmp_path / "cache",
+        image_size=64,
+        batch_size=8,
+        num_workers=2,
+        batches=4,
+        warmup=2,
+        include=("naive", "fast", "cache"),
+    )
     by_name = {row["pipeline"]: row for row in rows}
     assert list(by_name) == ["naive", "fast", "cache"] and by_name["naive"]["vs_naive"] == 1.0
     assert all(row["images_per_s"] > 0 for row in rows)

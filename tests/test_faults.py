@@ -45,13 +45,32 @@ def scalar_steps(run: Path, tag: str) -> list[int]:
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes_to_the_end(tmp_path):
     data = generate_shapes(tmp_path / "data", image_size=32, per_class={"train": 8, "val": 2}, progress=False)
-    command = [sys.executable, str(ROOT / "scripts" / "train.py"), "--data_dir", str(data), "--image_size", "32",
-               "--batch_size", "8", "--max_epochs", "3", "--num_workers", "1", "--accelerator", "cpu",
-               "--default_root_dir", str(tmp_path), "--log_every_n_steps", "1", "--no-feed_monitor"]
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "train.py"),
+        "--data_dir",
+        str(data),
+        "--image_size",
+        "32",
+        "--batch_size",
+        "8",
+        "--max_epochs",
+        "3",
+        "--num_workers",
+        "1",
+        "--accelerator",
+        "cpu",
+        "--default_root_dir",
+        str(tmp_path),
+        "--log_every_n_steps",
+        "1",
+        "--no-feed_monitor",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + 120
     while not (first / "last.ckpt").exists():  # the end of epoch 0: training is under way
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
@@ -69,8 +88,9 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes_to_the_end(tmp_
     assert {"optimizer_states", "lr_schedulers", "loops"} <= state.keys()
     assert not list(first.glob("*.tmp")) and not list(first.glob(".*"))  # atomic writes leave no partial files
 
-    resumed = subprocess.run([*command, "--ckpt_path", "last"], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=300)
+    resumed = subprocess.run(
+        [*command, "--ckpt_path", "last"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {interrupted}" in resumed.stdout
     run = tmp_path / "lightning_logs" / "version_1"
@@ -95,8 +115,16 @@ class StopAt(L.Callback):
 
 def boring_trainer(tmp_path: Path, callbacks: list, **kw) -> L.Trainer:
     kw = {"max_epochs": 3, "limit_train_batches": 8, "limit_val_batches": 2, **kw}
-    return L.Trainer(default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, callbacks=callbacks, plugins=[AtomicCheckpointIO()], **kw)
+    return L.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -63,17 +63,31 @@ class Snapshots(Callback):
         self.group_lrs.append([g["lr"] for g in optimizer.param_groups])
 
 
-def fit(tiny_shapes, callback: Callback, epochs: int, summary: bool = False,
-        extra: tuple[Callback, ...] = (), ckpt_path: str | None = None,
-        save: str | None = None) -> tuple[ImageClassifier, Snapshots]:
+def fit(
+    tiny_shapes,
+    callback: Callback,
+    epochs: int,
+    summary: bool = False,
+    extra: tuple[Callback, ...] = (),
+    ckpt_path: str | None = None,
+    save: str | None = None,
+) -> tuple[ImageClassifier, Snapshots]:
     L.seed_everything(0, verbose=False)
     dm = ImageDataModule(data_dir=tiny_shapes, image_size=32, batch_size=16, num_workers=0)
     model = ImageClassifier(num_classes=len(dm.classes), class_names=dm.classes, lr=0.01, **dm.preprocessing)
     snapshots = Snapshots()
     callbacks = [callback, snapshots, *extra] + ([ModelSummary(max_depth=1)] if summary else [])
-    trainer = L.Trainer(max_epochs=epochs, limit_train_batches=3, limit_val_batches=1, accelerator="cpu",
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=summary, callbacks=callbacks)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=summary,
+        callbacks=callbacks,
+    )
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     if save:
         trainer.save_checkpoint(save)

@@ -80,7 +80,9 @@ def test_output_shapes_follow_the_forward_pass():
         pooled = model.pool(features)
         logits = model.head(pooled)
     assert [(r["name"], r["shape"]) for r in rows] == [
-        ("features", tuple(features.shape)), ("pool", tuple(pooled.shape)), ("head", tuple(logits.shape)),
+        ("features", tuple(features.shape)),
+        ("pool", tuple(pooled.shape)),
+        ("head", tuple(logits.shape)),
         ("(output)", tuple(logits.shape)),
     ]
     assert not model._forward_hooks and not model.features._forward_hooks  # hooks are removed again
@@ -133,8 +135,9 @@ def test_report_abridges_long_state_dicts_unless_full():
 def checkpoint(tiny_shapes, tmp_path_factory) -> Path:
     dm = ImageDataModule(data_dir=tiny_shapes, image_size=32, batch_size=8, num_workers=0)
     model = ImageClassifier(num_classes=len(dm.classes), class_names=dm.classes, **dm.preprocessing)
-    trainer = L.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     trainer.fit(model, datamodule=dm)
     path = tmp_path_factory.mktemp("inspect") / "model.ckpt"
     trainer.save_checkpoint(path)

@@ -54,8 +54,9 @@ def slow_start(worker_id: int) -> None:
 def test_steady_state_leaves_worker_start_up_out():
     ceiling = 2 / (4 * ITEM_DELAY) * 4  # two workers, 4 images of ITEM_DELAY each per batch: 80 img/s
     quick = measure_loader(slow_loader(2), batches=6).per_s
-    slow = measure_loader(DataLoader(SlowItems(), batch_size=4, num_workers=2, worker_init_fn=slow_start),
-                          batches=6).per_s
+    slow = measure_loader(
+        DataLoader(SlowItems(), batch_size=4, num_workers=2, worker_init_fn=slow_start), batches=6
+    ).per_s
     # counting the start-up second would cut the rate to under half; counting the batches prepared
     # during it would push it above what two workers can deliver
     assert slow >= 0.7 * quick
@@ -92,8 +93,7 @@ def test_choice_is_the_smallest_count_near_the_best():
 
 def test_sweep_stops_once_the_loader_outruns_the_model():
     seen = []
-    rates = sweep_workers(slow_loader, [0, 1, 2, 3], model_rate=20.0, batches=4,
-                          report=lambda n, rate: seen.append(n))
+    rates = sweep_workers(slow_loader, [0, 1, 2, 3], model_rate=20.0, batches=4, report=lambda n, rate: seen.append(n))
     # one worker (up to 40 img/s) already outruns 20 img/s: counts 2 and 3 are never started
     assert list(rates) == seen == [0, 1]
     assert choose_workers(rates, 20.0) == 1
@@ -107,8 +107,9 @@ def test_sweep_choice_is_within_ten_percent_of_the_best():
 
 
 def test_model_rate_leaves_the_model_untouched():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
-                                torch.nn.LazyLinear(2))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2)
+    )
     model(torch.zeros(1, 3, 8, 8))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rate = measure_model(model, batch_size=4, image_size=8, steps=2, warmup=1, num_classes=2)
@@ -132,8 +133,9 @@ def test_auto_never_picks_more_workers_than_allowed(tmp_path, monkeypatch, capsy
     data = generate_shapes(tmp_path / "shapes", image_size=32, per_class={"train": 8, "val": 1}, progress=False)
     dm = ImageDataModule(data, image_size=32, batch_size=4, num_workers=7)
     model = ImageClassifier("simple_cnn", num_classes=8, image_size=32)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path
+    )
     chosen = throughput.auto_num_workers(dm, model, trainer, batches=3, max_seconds=0.5)
     assert 0 <= chosen <= 2
     assert dm.num_workers == chosen and dm.hparams["num_workers"] == chosen

@@ -26,16 +26,21 @@ from tests.conftest import load_script
 IMAGE_SIZE, MEAN, STD = 24, (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
 
 
-
 @pytest.fixture(scope="module")
 def checkpoint(tiny_shapes, tmp_path_factory) -> Path:
     """A checkpoint after a few training steps, saved by the Trainer."""
     L.seed_everything(0, verbose=False)
-    dm = ImageDataModule(data_dir=tiny_shapes, image_size=IMAGE_SIZE, batch_size=16, num_workers=0,
-                         mean=MEAN, std=STD)
+    dm = ImageDataModule(data_dir=tiny_shapes, image_size=IMAGE_SIZE, batch_size=16, num_workers=0, mean=MEAN, std=STD)
     model = ImageClassifier(num_classes=len(dm.classes), class_names=dm.classes, lr=0.01, **dm.preprocessing)
-    trainer = L.Trainer(max_steps=4, limit_val_batches=1, accelerator="cpu", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=4,
+        limit_val_batches=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, datamodule=dm)
     path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
     trainer.save_checkpoint(path)
@@ -110,8 +115,23 @@ def test_predict_script(checkpoint, images, tmp_path, capsys):
     root, paths, bad = images
     script = load_script("predict")
     output = tmp_path / "preds.csv"
-    code = script.main(["--checkpoint", str(checkpoint), "--input", paths[0], str(Path(paths[1]).parent),
-                        "--output", str(output), "--accelerator", "cpu", "--num_workers", "0", "--top_k", "50"])
+    code = script.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--input",
+            paths[0],
+            str(Path(paths[1]).parent),
+            "--output",
+            str(output),
+            "--accelerator",
+            "cpu",
+            "--num_workers",
+            "0",
+            "--top_k",
+            "50",
+        ]
+    )
     assert code == 0
     with output.open(newline="") as f:
         rows = list(csv.DictReader(f))

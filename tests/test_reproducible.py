@@ -29,9 +29,30 @@ def test_seed_and_deterministic_give_bit_identical_runs_with_workers(tmp_path):
     train = load_script("train")
     runs = []
     for name in ("a", "b"):
-        argv = ["--data_dir", str(data), "--default_root_dir", str(tmp_path / name), "--image_size", "32",
-                "--batch_size", "8", "--max_epochs", "2", "--limit_train_batches", "3", "--num_workers", "2",
-                "--accelerator", "cpu", "--seed", "7", "--deterministic", "--rotation", "30", "--no-feed_monitor"]
+        argv = [
+            "--data_dir",
+            str(data),
+            "--default_root_dir",
+            str(tmp_path / name),
+            "--image_size",
+            "32",
+            "--batch_size",
+            "8",
+            "--max_epochs",
+            "2",
+            "--limit_train_batches",
+            "3",
+            "--num_workers",
+            "2",
+            "--accelerator",
+            "cpu",
+            "--seed",
+            "7",
+            "--deterministic",
+            "--rotation",
+            "30",
+            "--no-feed_monitor",
+        ]
         assert train.main(argv) == 0
         runs.append(tmp_path / name / "lightning_logs" / "version_0")
     first, second = (scalars(run, "val/loss") for run in runs)
@@ -51,12 +72,22 @@ class KeepBatches(L.Callback):
 def augmented_batches(data: Path, seed: int) -> list[torch.Tensor]:
     """The first two training batches of a real fit: batch 0 comes from worker 0, batch 1 from worker 1."""
     L.seed_everything(seed, workers=True, verbose=False)
-    dm = ImageDataModule(data, image_size=16, batch_size=4, num_workers=2, rotation=45, augment_on="cpu",
-                         persistent_workers=False)
+    dm = ImageDataModule(
+        data, image_size=16, batch_size=4, num_workers=2, rotation=45, augment_on="cpu", persistent_workers=False
+    )
     keep = KeepBatches()
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=0,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, deterministic=True, callbacks=[keep])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        callbacks=[keep],
+    )
     trainer.fit(ImageClassifier(num_classes=2, image_size=16), datamodule=dm)
     return keep.images
 

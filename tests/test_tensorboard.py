@@ -35,7 +35,6 @@ IMAGE_TAGS = {"train/augmented_batch", "val/confusion_matrix", "val/mispredicted
 pytestmark = pytest.mark.slow
 
 
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One short train.py run on a generated dataset with every class in validation; shared by the tests."""

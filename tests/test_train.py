@@ -17,10 +17,29 @@ from tests.conftest import load_script
 def trained_run(tmp_path_factory):
     """One real training run: 8 classes at 32 px, 250 train images per class, 4 epochs."""
     tmp = tmp_path_factory.mktemp("train")
-    data = generate_shapes(tmp / "shapes", image_size=32, per_class={"train": 250, "val": 20, "test": 20},
-                           progress=False)
-    argv = ["--data_dir", str(data), "--default_root_dir", str(tmp), "--image_size", "32", "--batch_size", "16",
-            "--lr", "5e-3", "--max_epochs", "4", "--num_workers", "0", "--accelerator", "cpu", "--rotation", "0"]
+    data = generate_shapes(
+        tmp / "shapes", image_size=32, per_class={"train": 250, "val": 20, "test": 20}, progress=False
+    )
+    argv = [
+        "--data_dir",
+        str(data),
+        "--default_root_dir",
+        str(tmp),
+        "--image_size",
+        "32",
+        "--batch_size",
+        "16",
+        "--lr",
+        "5e-3",
+        "--max_epochs",
+        "4",
+        "--num_workers",
+        "0",
+        "--accelerator",
+        "cpu",
+        "--rotation",
+        "0",
+    ]
     code = load_script("train").main(argv)
     return code, tmp, argv
 
@@ -78,8 +97,14 @@ def test_config_round_trip(trained_run):
 def test_load_from_checkpoint_gives_identical_predictions(tmp_path):
     model = ImageClassifier(num_classes=3, class_names=["a", "b", "c"], image_size=32)
     data = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,)))
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     loaded = ImageClassifier.load_from_checkpoint(tmp_path / "m.ckpt")

@@ -62,9 +62,11 @@ class FeedSummary:
         if self.steps == 0:
             return "data feed: no training steps were measured"
         wait_ms, step_ms = 1000 * self.wait_s / self.steps, 1000 * self.step_s / self.steps
-        return (f"data feed: {self.verdict}: training waited for data {self.wait_fraction:.0%} of the time "
-                f"(wait {wait_ms:.1f} ms + step {step_ms:.1f} ms per batch, {self.samples_per_s:.0f} img/s "
-                f"over {self.steps} steps); {self.advice}")
+        return (
+            f"data feed: {self.verdict}: training waited for data {self.wait_fraction:.0%} of the time "
+            f"(wait {wait_ms:.1f} ms + step {step_ms:.1f} ms per batch, {self.samples_per_s:.0f} img/s "
+            f"over {self.steps} steps); {self.advice}"
+        )
 
 
 def classify(wait_fraction: float) -> str:
@@ -154,7 +156,7 @@ class DataFeedMonitor(Callback):
 
     def _add(self, wait_s: float, step_s: float, samples: int) -> None:
         self._seen += 1
-        for acc in ((self._window, self._total) if self._seen > self.warmup_steps else (self._window,)):
+        for acc in (self._window, self._total) if self._seen > self.warmup_steps else (self._window,):
             acc[0] += 1
             acc[1] += samples
             acc[2] += wait_s
@@ -189,8 +191,9 @@ class DataFeedMonitor(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         self._start = self._mark()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         if self._start is None or self._prev_end is None:
             return
         end = self._mark()

@@ -100,8 +100,10 @@ class InterruptCheckpoint(Callback):
         path = os.path.join(folder, INTERRUPTED)
         trainer.save_checkpoint(path)
         self.saved = path
-        rank_zero_info(f"{signal.Signals(self.signal).name} at epoch {trainer.current_epoch}, step "
-                       f"{trainer.global_step}: saved {path}; resume with the same command plus --ckpt_path last")
+        rank_zero_info(
+            f"{signal.Signals(self.signal).name} at epoch {trainer.current_epoch}, step "
+            f"{trainer.global_step}: saved {path}; resume with the same command plus --ckpt_path last"
+        )
 
 
 class NonFiniteLossGuard(Callback):
@@ -118,14 +120,16 @@ class NonFiniteLossGuard(Callback):
         self._step = 0
         self._window: list[tuple[torch.Tensor, int, int, int, float | None]] = []  # loss, step, epoch, batch, lr
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         # the step and learning rate the loss was computed with (both move on in the optimizer step)
         self._step = trainer.global_step
         self._lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if not isinstance(loss, torch.Tensor):
             return
@@ -144,8 +148,10 @@ class NonFiniteLossGuard(Callback):
         if not stop:
             return
         if not bad:
-            raise NonFiniteLossError("training loss is not finite on another process; lower --lr, set "
-                                     "--gradient_clip_val 1.0, or check the data")
+            raise NonFiniteLossError(
+                "training loss is not finite on another process; lower --lr, set "
+                "--gradient_clip_val 1.0, or check the data"
+            )
         loss, step, epoch, batch_idx, lr = window[bad[0]]
         lr_text = "n/a" if lr is None else f"{lr:.3g}"
         raise NonFiniteLossError(
@@ -174,8 +180,11 @@ class BadImageMonitor(Callback):
 
     def _check(self, trainer: L.Trainer, count: int) -> None:
         datamodule = trainer.datamodule
-        total = sum(len(d) for d in (getattr(datamodule, "train_set", None), getattr(datamodule, "val_set", None))
-                    if d is not None)
+        total = sum(
+            len(d)
+            for d in (getattr(datamodule, "train_set", None), getattr(datamodule, "val_set", None))
+            if d is not None
+        )
         if total and count > self.max_bad_fraction * total:
             names = ", ".join(list(self.bad)[:5])
             raise TooManyBadImagesError(
@@ -231,11 +240,15 @@ def explain_failure(error: BaseException) -> str | None:
     if "DataLoader worker" in text or "bus error" in text.lower():
         shm = "out of shared memory" if ("shared memory" in text or "bus error" in text.lower()) else None
         what = shm or "killed (often by the out-of-memory killer) or crashed"
-        return (f"a DataLoader worker process died ({what}: {first.rstrip('.')}); lower --num_workers "
-                "(or --batch_size), or enlarge /dev/shm (docker: --shm-size=8g; or mount a bigger tmpfs)")
+        return (
+            f"a DataLoader worker process died ({what}: {first.rstrip('.')}); lower --num_workers "
+            "(or --batch_size), or enlarge /dev/shm (docker: --shm-size=8g; or mount a bigger tmpfs)"
+        )
     if "DataLoader timed out" in text:
-        return (f"{first.rstrip('.')}: a worker spent longer than --loader_timeout on one batch (slow or hung "
-                "storage, a stuck decoder); raise --loader_timeout, or check the data folder's file system")
+        return (
+            f"{first.rstrip('.')}: a worker spent longer than --loader_timeout on one batch (slow or hung "
+            "storage, a stuck decoder); raise --loader_timeout, or check the data folder's file system"
+        )
     return None
 
 

@@ -39,14 +39,28 @@ def _outline(shape: str, r: float) -> list[tuple[float, float]]:
         return [(-r, -r * 0.28), (r, -r * 0.28), (r, r * 0.28), (-r, r * 0.28)]
     if shape == "star":
         return [
-            ((r if k % 2 == 0 else r * 0.42) * math.cos(k * math.pi / 5),
-             (r if k % 2 == 0 else r * 0.42) * math.sin(k * math.pi / 5))
+            (
+                (r if k % 2 == 0 else r * 0.42) * math.cos(k * math.pi / 5),
+                (r if k % 2 == 0 else r * 0.42) * math.sin(k * math.pi / 5),
+            )
             for k in range(10)
         ]
     if shape == "cross":
         a, b = r, r * 0.3
-        return [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b),
-                (b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b)]
+        return [
+            (-b, -a),
+            (b, -a),
+            (b, -b),
+            (a, -b),
+            (a, b),
+            (b, b),
+            (b, a),
+            (-b, a),
+            (-b, b),
+            (-a, b),
+            (-a, -b),
+            (-b, -b),
+        ]
     raise ValueError(shape)
 
 
@@ -84,8 +98,14 @@ def draw_shape(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
 
 
 def _manifest(image_size: int, per_class: dict[str, int], seed: int, fmt: str) -> dict:
-    return {"version": GENERATOR_VERSION, "image_size": image_size, "per_class": per_class,
-            "seed": seed, "format": fmt, "classes": list(SHAPES)}
+    return {
+        "version": GENERATOR_VERSION,
+        "image_size": image_size,
+        "per_class": per_class,
+        "seed": seed,
+        "format": fmt,
+        "classes": list(SHAPES),
+    }
 
 
 def generate_shapes(

@@ -67,7 +67,7 @@ def _crc32(data: np.ndarray) -> int:
     flat = data.reshape(-1)
     crc = 0
     for start in range(0, flat.size, CRC_CHUNK):
-        crc = zlib.crc32(flat[start:start + CRC_CHUNK], crc)
+        crc = zlib.crc32(flat[start : start + CRC_CHUNK], crc)
     return crc
 
 
@@ -77,12 +77,12 @@ def read_header(path: Path) -> dict[str, Any]:
         head = f.read(HEADER_BYTES)
     if len(head) < HEADER_BYTES or head[: len(MAGIC)] != MAGIC:
         raise ValueError("not a cache file or truncated header")
-    length = int.from_bytes(head[len(MAGIC): len(MAGIC) + 8], "little")
+    length = int.from_bytes(head[len(MAGIC) : len(MAGIC) + 8], "little")
     start = len(MAGIC) + 8
     if not 0 < length <= HEADER_BYTES - start:
         raise ValueError("damaged header")
     try:
-        header = json.loads(head[start:start + length])
+        header = json.loads(head[start : start + length])
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ValueError("damaged header") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
@@ -146,14 +146,21 @@ def build_cache(
         with tqdm(total=count, desc=f"caching {path.name}", unit="img", disable=not progress) as bar:
             for batch in loader:
                 images = batch[0]  # (B, 3, S, S) uint8, in dataset order
-                data[start:start + len(images)] = images.numpy()
+                data[start : start + len(images)] = images.numpy()
                 start += len(images)
                 bar.update(len(images))
         if start != count:
             raise RuntimeError(f"the loader gave {start} of {count} images while building {path}")
         data.flush()
-        header = {"format": FORMAT_VERSION, "key": key, "count": count, "shape": list(shape),
-                  "crc32": _crc32(data), "recipe": RECIPE, "source": str(dataset.root)}
+        header = {
+            "format": FORMAT_VERSION,
+            "key": key,
+            "count": count,
+            "shape": list(shape),
+            "crc32": _crc32(data),
+            "recipe": RECIPE,
+            "source": str(dataset.root),
+        }
         del data
         blob = json.dumps(header).encode()
         if len(MAGIC) + 8 + len(blob) > HEADER_BYTES:
@@ -204,8 +211,12 @@ class CachedImageDataset(torch.utils.data.Dataset):
         transform: applied to the uint8 tensor (training augmentation on the CPU), or None.
     """
 
-    def __init__(self, path: str | os.PathLike, source: ImageFolderDataset,
-                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        source: ImageFolderDataset,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.path = Path(path)
         header = read_header(self.path)
         self.count, self.shape = int(header["count"]), tuple(header["shape"])
@@ -229,8 +240,9 @@ class CachedImageDataset(torch.utils.data.Dataset):
 
     def _images(self) -> np.ndarray:
         if self._data is None:
-            self._data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=HEADER_BYTES,
-                                   shape=(self.count, *self.shape))
+            self._data = np.memmap(
+                self.path, dtype=np.uint8, mode="r", offset=HEADER_BYTES, shape=(self.count, *self.shape)
+            )
         return self._data
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
@@ -238,4 +250,3 @@ class CachedImageDataset(torch.utils.data.Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.samples.targets[index])
-

@@ -201,7 +201,8 @@ class ImageDataModule(L.LightningDataModule):
         train_tf = train_transform(self.image_size, cpu_rotation, cpu_hflip)
         eval_tf = eval_transform(self.image_size)
         self.device_transform = DeviceTransform(
-            self.mean, self.std,
+            self.mean,
+            self.std,
             rotation=self.rotation if on_device else 0.0,
             hflip=self.hflip and on_device,
             channels_last=self.channels_last,
@@ -214,12 +215,16 @@ class ImageDataModule(L.LightningDataModule):
             self.test_set = self._folder(self.split_dir("test"), self.classes)
             rank_zero_info(folder_summary({"test": self.test_set}))
         if stage in ("predict", None) and self.predict_paths is not None:
-            self.predict_set = ImageFileDataset(list_images(self.predict_paths),
-                                                decode_min_size=self.image_size,
-                                                skip_bad_images=self.skip_bad_images)
+            self.predict_set = ImageFileDataset(
+                list_images(self.predict_paths), decode_min_size=self.image_size, skip_bad_images=self.skip_bad_images
+            )
 
-        for dataset, transform in ((self.train_set, train_tf), (self.val_set, eval_tf),
-                                   (self.test_set, eval_tf), (self.predict_set, eval_tf)):
+        for dataset, transform in (
+            (self.train_set, train_tf),
+            (self.val_set, eval_tf),
+            (self.test_set, eval_tf),
+            (self.predict_set, eval_tf),
+        ):
             if dataset is not None:
                 dataset.transform = transform
         if self.cache:
@@ -243,8 +248,9 @@ class ImageDataModule(L.LightningDataModule):
                 dataset.transform = train_tf if split == "train" else None  # cached images are resized
 
     def _folder(self, root: Path, classes: Sequence[str] | None = None) -> ImageFolderDataset:
-        return ImageFolderDataset(root, classes=classes, decode_min_size=self.image_size,
-                                  skip_bad_images=self.skip_bad_images)
+        return ImageFolderDataset(
+            root, classes=classes, decode_min_size=self.image_size, skip_bad_images=self.skip_bad_images
+        )
 
     def _setup_train_val(self) -> None:
         full = self._folder(self.train_dir)
@@ -280,8 +286,7 @@ class ImageDataModule(L.LightningDataModule):
             counts = np.bincount(dataset.targets)
             weights = torch.as_tensor(1.0 / counts[dataset.targets], dtype=torch.double)
             generator = torch.Generator().manual_seed(self.seed)
-            kwargs["sampler"] = WeightedRandomSampler(weights, len(dataset), replacement=True,
-                                                      generator=generator)
+            kwargs["sampler"] = WeightedRandomSampler(weights, len(dataset), replacement=True, generator=generator)
         else:
             kwargs["shuffle"] = train and self.shuffle
         return DataLoader(

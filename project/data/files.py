@@ -39,8 +39,13 @@ class ImageFileDataset(torch.utils.data.Dataset):
             so the batch still stacks, and the predict step leaves that row out (see `SkipBadCollate`).
     """
 
-    def __init__(self, paths: Sequence[str], transform: Callable | None = None,
-                 decode_min_size: int | None = None, skip_bad_images: bool = False) -> None:
+    def __init__(
+        self,
+        paths: Sequence[str],
+        transform: Callable | None = None,
+        decode_min_size: int | None = None,
+        skip_bad_images: bool = False,
+    ) -> None:
         self.samples = SampleList(paths, [-1] * len(paths))
         self.transform = transform
         self.decode_min_size = decode_min_size

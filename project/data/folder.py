@@ -280,4 +280,3 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 image = self.transform(image)
             return (image, target, BadImages(tuple(bad))) if bad else (image, target)
         raise BadImageError(f"cannot read image {bad[0]!r}, nor any other image in {str(self.root)!r}")
-

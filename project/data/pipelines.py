@@ -46,13 +46,18 @@ def make_benchmark_images(root: str | os.PathLike, image_size: int = 1024, per_c
 
 def naive_dataset(data_dir: str | os.PathLike, image_size: int = 224, rotation: float = 15.0) -> Dataset:
     """The classic recipe: full-size PIL decode, rotation at full size, resize, float tensor, normalize."""
-    return datasets.ImageFolder(str(Path(data_dir) / "train"), transform=T.Compose([
-        T.RandomRotation(rotation, interpolation=T.InterpolationMode.BILINEAR),
-        T.Resize(image_size),
-        T.CenterCrop(image_size),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ]))
+    return datasets.ImageFolder(
+        str(Path(data_dir) / "train"),
+        transform=T.Compose(
+            [
+                T.RandomRotation(rotation, interpolation=T.InterpolationMode.BILINEAR),
+                T.Resize(image_size),
+                T.CenterCrop(image_size),
+                T.ToTensor(),
+                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        ),
+    )
 
 
 class _NoWork(Dataset):
@@ -93,14 +98,23 @@ def compare_pipelines(
 
     def loader(dataset: Dataset) -> DataLoader:
         # one long epoch, sampled with replacement: no epoch boundary (and no worker restart) inside the timing
-        sampler = RandomSampler(dataset, replacement=True, num_samples=samples,
-                                generator=torch.Generator().manual_seed(0))
+        sampler = RandomSampler(
+            dataset, replacement=True, num_samples=samples, generator=torch.Generator().manual_seed(0)
+        )
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
 
     def datamodule(augment_on: str, cache: bool) -> tuple[DataLoader, Callable]:
-        dm = ImageDataModule(data_dir, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
-                             rotation=rotation, hflip=False, augment_on=augment_on, cache=cache,
-                             cache_dir=cache_dir)
+        dm = ImageDataModule(
+            data_dir,
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            rotation=rotation,
+            hflip=False,
+            augment_on=augment_on,
+            cache=cache,
+            cache_dir=cache_dir,
+        )
         dm.setup("fit")
         # its dataset through the same plain loader as the naive one, then what on_after_batch_transfer
         # does to a training batch (here the device is the CPU)
@@ -133,12 +147,16 @@ def compare_pipelines(
     for name in include:
         rate, cpu = best[name]["images_per_s"], best[name]["cpu_ms_per_image"]
         naive = best.get("naive")
-        rows.append({
-            "pipeline": name, "description": described[name],
-            "images_per_s": round(rate, 1), "vs_naive": round(rate / naive["images_per_s"], 2) if naive else None,
-            "cpu_ms_per_image": round(cpu, 2),
-            "cpu_vs_naive": round(naive["cpu_ms_per_image"] / cpu, 2) if naive and cpu > 0 else None,
-        })
+        rows.append(
+            {
+                "pipeline": name,
+                "description": described[name],
+                "images_per_s": round(rate, 1),
+                "vs_naive": round(rate / naive["images_per_s"], 2) if naive else None,
+                "cpu_ms_per_image": round(cpu, 2),
+                "cpu_vs_naive": round(naive["cpu_ms_per_image"] / cpu, 2) if naive and cpu > 0 else None,
+            }
+        )
     return rows
 
 
@@ -150,8 +168,9 @@ def _time_ms(fn: Callable[[], Any], repeats: int) -> float:
     return (time.perf_counter() - start) / repeats * 1e3
 
 
-def per_image_costs(path: str | os.PathLike, image_size: int = 224, rotation: float = 15.0,
-                    repeats: int = 10) -> list[dict[str, Any]]:
+def per_image_costs(
+    path: str | os.PathLike, image_size: int = 224, rotation: float = 15.0, repeats: int = 10
+) -> list[dict[str, Any]]:
     """Milliseconds per image for each step, on one core: `[{"step": ..., "ms": ...}, ...]`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -171,10 +190,11 @@ def per_image_costs(path: str | os.PathLike, image_size: int = 224, rotation: fl
             (f"rotate at {image_size} px (PIL, bilinear)", lambda: rotate(small)),
             (f"rotate at {image_size} px (uint8 tensor)", lambda: rotate(tensor)),
             (f"resize {full.width} -> {image_size} px", lambda: T.Resize(image_size)(full)),
-            (f"ToTensor + Normalize at {image_size} px (float32)",
-             lambda: T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(T.ToTensor()(small))),
-            (f"batched rotate + normalize at {image_size} px, per image of 32",
-             lambda: device_tf(batch, augment=True)),
+            (
+                f"ToTensor + Normalize at {image_size} px (float32)",
+                lambda: T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(T.ToTensor()(small)),
+            ),
+            (f"batched rotate + normalize at {image_size} px, per image of 32", lambda: device_tf(batch, augment=True)),
         ]
         rows = []
         for name, fn in steps:

@@ -119,8 +119,13 @@ def measure_loader(
         warmup = 1 + workers * (getattr(loader, "prefetch_factor", None) or 2)
     if hasattr(loader, "__len__"):  # a short loader: fewer warm-up batches rather than no figure at all
         warmup = min(warmup, max(0, len(loader) - 2))
-    bar = tqdm(total=warmup + batches, desc=progress if isinstance(progress, str) else None,
-               unit="batch", disable=not progress, leave=False)
+    bar = tqdm(
+        total=warmup + batches,
+        desc=progress if isinstance(progress, str) else None,
+        unit="batch",
+        disable=not progress,
+        leave=False,
+    )
     samples, timed = 0, 0
     iterator = iter(loader)
     workers = [w.pid for w in getattr(iterator, "_workers", [])]
@@ -239,8 +244,9 @@ def sweep_workers(
     rates: dict[int, float] = {}
     for n in sorted(counts):
         loader = make_loader(n)
-        rate = measure_loader(loader, batches=batches, max_seconds=max_seconds,
-                              progress=f"num_workers={n}" if progress else False).per_s
+        rate = measure_loader(
+            loader, batches=batches, max_seconds=max_seconds, progress=f"num_workers={n}" if progress else False
+        ).per_s
         del loader  # shuts its workers down before the next count starts its own
         rates[n] = rate
         if report is not None:
@@ -250,8 +256,9 @@ def sweep_workers(
     return rates
 
 
-def auto_num_workers(datamodule, model: nn.Module, trainer, batches: int = 10, max_seconds: float = 2.0,
-                     verbose: bool = True) -> int:
+def auto_num_workers(
+    datamodule, model: nn.Module, trainer, batches: int = 10, max_seconds: float = 2.0, verbose: bool = True
+) -> int:
     """Resolve `--num_workers auto` before fit: sweep the training loader, time the model, pick, report.
 
     `datamodule` is an `ImageDataModule` (its `num_workers` and `hparams.num_workers` are set to the
@@ -268,24 +275,35 @@ def auto_num_workers(datamodule, model: nn.Module, trainer, batches: int = 10, m
     datamodule.num_workers = budget  # a cache built during setup may use every worker allowed
     datamodule.setup("fit")
     device = trainer.strategy.root_device
-    model_rate = measure_model(model, datamodule.batch_size, datamodule.image_size, device,
-                               str(trainer.precision), num_classes=getattr(model.hparams, "num_classes", None),
-                               steps=3, warmup=1, max_seconds=max_seconds).per_s
+    model_rate = measure_model(
+        model,
+        datamodule.batch_size,
+        datamodule.image_size,
+        device,
+        str(trainer.precision),
+        num_classes=getattr(model.hparams, "num_classes", None),
+        steps=3,
+        warmup=1,
+        max_seconds=max_seconds,
+    ).per_s
 
     def make_loader(n: int) -> DataLoader:
         datamodule.num_workers = n
         return datamodule.train_dataloader()
 
-    rates = sweep_workers(make_loader, candidate_workers(budget), model_rate=model_rate, batches=batches,
-                          max_seconds=max_seconds)
+    rates = sweep_workers(
+        make_loader, candidate_workers(budget), model_rate=model_rate, batches=batches, max_seconds=max_seconds
+    )
     chosen = choose_workers(rates, model_rate)
     datamodule.num_workers = chosen
     datamodule.hparams["num_workers"] = chosen
     if verbose and trainer.is_global_zero:
         measured = ", ".join(f"{n}: {rate:.0f}" for n, rate in rates.items())
-        print(f"num_workers auto: loader img/s by num_workers {{{measured}}}; model {model_rate:.0f} img/s "
-              f"on {device.type}; chose num_workers={chosen} (at most {budget}: {usable_cpus()} CPUs / "
-              f"{devices} device(s) - 1; sweep took {time.perf_counter() - start:.1f} s)")
+        print(
+            f"num_workers auto: loader img/s by num_workers {{{measured}}}; model {model_rate:.0f} img/s "
+            f"on {device.type}; chose num_workers={chosen} (at most {budget}: {usable_cpus()} CPUs / "
+            f"{devices} device(s) - 1; sweep took {time.perf_counter() - start:.1f} s)"
+        )
     for logger in trainer.loggers:
         for n, rate in rates.items():
             logger.log_metrics({"feed/auto_loader_img_per_s": rate}, step=n)

@@ -79,8 +79,9 @@ def random_rotate_flip(images: torch.Tensor, degrees: float, hflip: bool = True)
     """
     n = images.shape[0]
     angles = (torch.rand(n, device=images.device) * 2 - 1) * degrees
-    flips = torch.rand(n, device=images.device) < 0.5 if hflip else torch.zeros(n, dtype=torch.bool,
-                                                                                  device=images.device)
+    flips = (
+        torch.rand(n, device=images.device) < 0.5 if hflip else torch.zeros(n, dtype=torch.bool, device=images.device)
+    )
     return rotate_flip(images, angles, flips)
 
 

@@ -27,8 +27,10 @@ def decay_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[di
     """Optimizer param groups: weight decay on weight matrices and kernels only (decaying biases and
     norm scales hurts)."""
     params = list(params)
-    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -120,10 +122,16 @@ class ImageClassifier(L.LightningModule):
         # a second computation and more logging every step, for a noisy curve the loss already shows)
         metrics.update(logits, labels)
         # one curve per name: train/loss per step, val/loss and test/loss per epoch (no _step/_epoch suffixes)
-        self.log(f"{stage}/loss", loss, on_step=training, on_epoch=not training, prog_bar=True,
-                 batch_size=labels.shape[0], sync_dist=not training)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=not training,
-                      batch_size=labels.shape[0])
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=training,
+            on_epoch=not training,
+            prog_bar=True,
+            batch_size=labels.shape[0],
+            sync_dist=not training,
+        )
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=not training, batch_size=labels.shape[0])
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

@@ -25,14 +25,16 @@ def module_table(model: nn.Module) -> list[dict[str, Any]]:
         params = list(module.parameters())
         trainable = sum(p.numel() for p in params if p.requires_grad)
         total = sum(p.numel() for p in params)
-        rows.append({
-            "name": name,
-            "type": type(module).__name__,
-            "own": sum(p.numel() for p in module.parameters(recurse=False)),
-            "total": total,
-            "trainable": trainable,
-            "frozen": total - trainable,
-        })
+        rows.append(
+            {
+                "name": name,
+                "type": type(module).__name__,
+                "own": sum(p.numel() for p in module.parameters(recurse=False)),
+                "total": total,
+                "trainable": trainable,
+                "frozen": total - trainable,
+            }
+        )
     return rows
 
 
@@ -50,8 +52,10 @@ def parameter_totals(model: nn.Module) -> dict[str, Any]:
 
 def state_dict_entries(model: nn.Module) -> list[dict[str, Any]]:
     """Every state_dict entry: key, shape and dtype (parameters and buffers alike)."""
-    return [{"key": key, "shape": tuple(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-            for key, t in model.state_dict().items()]
+    return [
+        {"key": key, "shape": tuple(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        for key, t in model.state_dict().items()
+    ]
 
 
 def output_shapes(model: nn.Module, images: torch.Tensor) -> list[dict[str, Any]]:
@@ -63,6 +67,7 @@ def output_shapes(model: nn.Module, images: torch.Tensor) -> list[dict[str, Any]
         def record(module: nn.Module, inputs: Any, output: Any) -> None:
             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
             rows.append({"name": name, "type": type(module).__name__, "shape": shape})
+
         return record
 
     handles = [child.register_forward_hook(hook(name)) for name, child in model.named_children()]
@@ -97,8 +102,15 @@ def gradient_norms(model: nn.Module, images: torch.Tensor, num_classes: int) -> 
             status = "none"
         else:
             status = "zero" if norm == 0.0 else "ok"
-        rows.append({"name": name, "shape": tuple(p.shape), "requires_grad": p.requires_grad,
-                     "grad_norm": norm, "status": status})
+        rows.append(
+            {
+                "name": name,
+                "shape": tuple(p.shape),
+                "requires_grad": p.requires_grad,
+                "grad_norm": norm,
+                "status": status,
+            }
+        )
     return rows
 
 
@@ -107,8 +119,9 @@ def inspect_model(model: nn.Module, image_size: int, num_classes: int, batch_siz
 
     The batch has two images because batch norm cannot train on one.
     """
-    images = torch.randn(batch_size, 3, image_size, image_size,
-                         generator=torch.Generator().manual_seed(0))  # (B, 3, S, S), normalized-like
+    images = torch.randn(
+        batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)
+    )  # (B, 3, S, S), normalized-like
     return {
         "tree": repr(model),
         "modules": module_table(model),
@@ -122,8 +135,12 @@ def inspect_model(model: nn.Module, image_size: int, num_classes: int, batch_siz
 
 def _table(rows: list[list[str]], right: set[int]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-            .rstrip() for r in rows]
+    return [
+        "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in rows
+    ]
 
 
 def _shape(shape: Any) -> str:
@@ -134,15 +151,30 @@ def format_report(report: dict[str, Any], full: bool = False) -> str:
     """The report as text; without `full`, a long state_dict listing is abridged to its first and last entries."""
     out = ["== module tree ==", report["tree"], "", "== modules (parameters) =="]
     rows = [["name", "type", "own", "total", "trainable", "frozen"]]
-    rows += [[m["name"] or "(model)", m["type"], f"{m['own']:,}", f"{m['total']:,}", f"{m['trainable']:,}",
-              f"{m['frozen']:,}"] for m in report["modules"]]
+    rows += [
+        [
+            m["name"] or "(model)",
+            m["type"],
+            f"{m['own']:,}",
+            f"{m['total']:,}",
+            f"{m['trainable']:,}",
+            f"{m['frozen']:,}",
+        ]
+        for m in report["modules"]
+    ]
     out += _table(rows, right={2, 3, 4, 5})
 
     t = report["totals"]
-    out += ["", "== totals ==",
-            f"trainable {t['trainable']:,}   frozen {t['frozen']:,}   all {t['total']:,}",
-            "size: " + ", ".join(f"{dtype} {mb:.2f} MB" if mb >= 0.01 else f"{dtype} {mb * 2**20:.0f} bytes"
-                                 for dtype, mb in t["size_mb"].items())]
+    out += [
+        "",
+        "== totals ==",
+        f"trainable {t['trainable']:,}   frozen {t['frozen']:,}   all {t['total']:,}",
+        "size: "
+        + ", ".join(
+            f"{dtype} {mb:.2f} MB" if mb >= 0.01 else f"{dtype} {mb * 2**20:.0f} bytes"
+            for dtype, mb in t["size_mb"].items()
+        ),
+    ]
 
     entries = report["state_dict"]
     out += ["", f"== state_dict ({len(entries)} entries) =="]
@@ -170,6 +202,9 @@ def format_report(report: dict[str, Any], full: bool = False) -> str:
         flag = {"none": "<- NO GRAD", "zero": "<- ZERO GRAD", "frozen": "(frozen)"}.get(g["status"], "")
         rows.append([g["name"], _shape(g["shape"]), norm, flag])
     out += _table(rows, right={2})
-    out.append(f"{len(flagged)} trainable parameter(s) without a useful gradient" if flagged
-               else "every trainable parameter got a non-zero gradient")
+    out.append(
+        f"{len(flagged)} trainable parameter(s) without a useful gradient"
+        if flagged
+        else "every trainable parameter got a non-zero gradient"
+    )
     return "\n".join(out)

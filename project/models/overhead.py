@@ -25,13 +25,18 @@ from project.models.backbones import build_backbone
 from project.models.classifier import ImageClassifier, decay_groups
 
 
-def make_batches(count: int, batch_size: int, image_size: int, num_classes: int,
-                 device: torch.device | str = "cpu", seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(
+    count: int, batch_size: int, image_size: int, num_classes: int, device: torch.device | str = "cpu", seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`count` normalized-looking float batches `(B, 3, S, S)` with labels, already on `device`."""
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device),
-             torch.randint(0, num_classes, (batch_size,), generator=generator).to(device))
-            for _ in range(count)]
+    return [
+        (
+            torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device),
+            torch.randint(0, num_classes, (batch_size,), generator=generator).to(device),
+        )
+        for _ in range(count)
+    ]
 
 
 class _Cycle:
@@ -47,8 +52,15 @@ class _Cycle:
         return (self.batches[i % len(self.batches)] for i in range(self.steps))
 
 
-def raw_step_seconds(model: nn.Module, batches: list, steps: int = 30, warmup: int = 5,
-                     precision: str = "32-true", lr: float = 2e-3, weight_decay: float = 0.05) -> dict[str, float]:
+def raw_step_seconds(
+    model: nn.Module,
+    batches: list,
+    steps: int = 30,
+    warmup: int = 5,
+    precision: str = "32-true",
+    lr: float = 2e-3,
+    weight_decay: float = 0.05,
+) -> dict[str, float]:
     """`{"wall", "cpu"}` seconds per step of the plain PyTorch loop: forward, cross-entropy, backward, AdamW
     step. `cpu` is this process's CPU time, which other load on a shared machine does not inflate."""
     device = batches[0][0].device
@@ -76,8 +88,9 @@ class _StepTimer(L.Callback):
     def __init__(self, warmup: int) -> None:
         self.warmup, self.start, self.end, self.steps = warmup, (0.0, 0.0), (0.0, 0.0), 0
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx + 1 >= self.warmup:
             synchronize(pl_module.device)
             now = (time.perf_counter(), time.process_time())
@@ -87,8 +100,14 @@ class _StepTimer(L.Callback):
                 self.end, self.steps = now, self.steps + 1
 
 
-def trainer_step_seconds(module: ImageClassifier, batches: list, steps: int = 30, warmup: int = 5,
-                         precision: str = "32-true", logged: bool = True) -> dict[str, float]:
+def trainer_step_seconds(
+    module: ImageClassifier,
+    batches: list,
+    steps: int = 30,
+    warmup: int = 5,
+    precision: str = "32-true",
+    logged: bool = True,
+) -> dict[str, float]:
     """`{"wall", "cpu"}` seconds per training step of `module` under `L.Trainer`, fed the same in-memory
     batches.
 
@@ -99,11 +118,20 @@ def trainer_step_seconds(module: ImageClassifier, batches: list, steps: int = 30
     timer = _StepTimer(max(1, warmup))
     with tempfile.TemporaryDirectory() as root:
         trainer = L.Trainer(
-            accelerator="cuda" if device.type == "cuda" else "cpu", devices=1, precision=precision,
-            max_steps=warmup + steps, max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0,
+            accelerator="cuda" if device.type == "cuda" else "cpu",
+            devices=1,
+            precision=precision,
+            max_steps=warmup + steps,
+            max_epochs=1,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
             logger=TensorBoardLogger(root, name="overhead") if logged else False,
-            enable_progress_bar=logged, enable_model_summary=False, enable_checkpointing=False,
-            log_every_n_steps=10, callbacks=[timer], default_root_dir=root,
+            enable_progress_bar=logged,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            log_every_n_steps=10,
+            callbacks=[timer],
+            default_root_dir=root,
         )
         trainer.fit(module, train_dataloaders=_Cycle(batches, warmup + steps))
     steps_timed = max(1, timer.steps)
@@ -133,12 +161,21 @@ def lightning_overhead(
     batches = make_batches(4, batch_size, image_size, num_classes, device)
     module = ImageClassifier(backbone=backbone, num_classes=num_classes, image_size=image_size)
     loops = {
-        "raw PyTorch loop": lambda: raw_step_seconds(copy.deepcopy(module.model), batches, steps, warmup,
-                                                     precision, module.hparams.lr, module.hparams.weight_decay),
-        "Lightning Trainer, no logger or progress bar":
-            lambda: trainer_step_seconds(copy.deepcopy(module), batches, steps, warmup, precision, logged=False),
-        "Lightning Trainer, TensorBoard logger + progress bar":
-            lambda: trainer_step_seconds(copy.deepcopy(module), batches, steps, warmup, precision, logged=True),
+        "raw PyTorch loop": lambda: raw_step_seconds(
+            copy.deepcopy(module.model),
+            batches,
+            steps,
+            warmup,
+            precision,
+            module.hparams.lr,
+            module.hparams.weight_decay,
+        ),
+        "Lightning Trainer, no logger or progress bar": lambda: trainer_step_seconds(
+            copy.deepcopy(module), batches, steps, warmup, precision, logged=False
+        ),
+        "Lightning Trainer, TensorBoard logger + progress bar": lambda: trainer_step_seconds(
+            copy.deepcopy(module), batches, steps, warmup, precision, logged=True
+        ),
     }
     best = {name: {"wall": float("inf"), "cpu": float("inf")} for name in loops}
     for _ in range(rounds):
@@ -146,10 +183,19 @@ def lightning_overhead(
             figures = run()
             best[name] = {k: min(best[name][k], figures[k]) for k in best[name]}
     raw = best["raw PyTorch loop"]
-    return [{"loop": name, "backbone": backbone, "device": device, "ms_per_step": round(s["wall"] * 1e3, 2),
-             "images_per_s": round(batch_size / s["wall"], 1), "vs_raw": round(s["wall"] / raw["wall"], 3),
-             "cpu_ms_per_step": round(s["cpu"] * 1e3, 2), "cpu_vs_raw": round(s["cpu"] / raw["cpu"], 3)}
-            for name, s in best.items()]
+    return [
+        {
+            "loop": name,
+            "backbone": backbone,
+            "device": device,
+            "ms_per_step": round(s["wall"] * 1e3, 2),
+            "images_per_s": round(batch_size / s["wall"], 1),
+            "vs_raw": round(s["wall"] / raw["wall"], 3),
+            "cpu_ms_per_step": round(s["cpu"] * 1e3, 2),
+            "cpu_vs_raw": round(s["cpu"] / raw["cpu"], 3),
+        }
+        for name, s in best.items()
+    ]
 
 
 def model_variants(
@@ -182,8 +228,9 @@ def model_variants(
         elif variant == "bf16":
             precision = "bf16-mixed"
         seconds = raw_step_seconds(model, run_batches, steps, warmup, precision)["wall"]
-        rows.append({"variant": variant, "backbone": backbone, "device": device,
-                     "images_per_s": round(batch_size / seconds, 1)})
+        rows.append(
+            {"variant": variant, "backbone": backbone, "device": device, "images_per_s": round(batch_size / seconds, 1)}
+        )
     eager = next((r["images_per_s"] for r in rows if r["variant"] == "eager"), None)
     for row in rows:
         row["vs_eager"] = round(row["images_per_s"] / eager, 2) if eager else None
