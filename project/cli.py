@@ -65,7 +65,7 @@ def non_negative_int(text: str) -> int:
 
 
 def workers_type(text: str) -> int | str:
-    """`auto` (a measured choice, see `project.data.throughput`) or a worker count >= 0."""
+    """`auto` (a measured choice, see `project.feed.throughput`) or a worker count >= 0."""
     if text == "auto":
         return text
     try:

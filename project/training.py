@@ -13,22 +13,22 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, TQDMProgr
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.profilers import AdvancedProfiler, PyTorchProfiler, SimpleProfiler
 
-from project.callbacks.data_feed import DataFeedMonitor
-from project.callbacks.faults import BadImageMonitor, InterruptCheckpoint, NonFiniteLossGuard, clear_failures
-from project.callbacks.tensorboard import (
+from project.cli import UsageError, to_yaml
+from project.data import ImageDataModule
+from project.feed.monitor import DataFeedMonitor
+from project.feed.throughput import auto_num_workers, worker_budget
+from project.models import ImageClassifier
+from project.runtime.checkpoints import AtomicCheckpointIO, model_checkpoint, resolve_ckpt_path
+from project.runtime.console import configure_console
+from project.runtime.faults import BadImageMonitor, InterruptCheckpoint, NonFiniteLossGuard, clear_failures
+from project.tools.finetune import FreezeBackbone
+from project.views.tensorboard import (
     AugmentedBatchGrid,
     ConfusionMatrixLogger,
     HparamsSummary,
     MispredictionLogger,
     ModelGraphLogger,
 )
-from project.checkpointing import AtomicCheckpointIO, model_checkpoint, resolve_ckpt_path
-from project.cli import UsageError, to_yaml
-from project.console import configure_console
-from project.data import ImageDataModule
-from project.data.throughput import auto_num_workers, worker_budget
-from project.models import ImageClassifier
-from project.models.finetune import FreezeBackbone
 
 LOGS = "lightning_logs"
 # the bar reads its metrics (a host sync on a GPU) at each refresh: every 10 steps keeps syncs off most steps

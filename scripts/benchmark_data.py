@@ -15,10 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from project.benchmark import SECTIONS, BenchmarkConfig, run_benchmark  # noqa: E402
 from project.cli import ACCELERATORS, PRECISIONS, Parser, UsageError, positive_int  # noqa: E402
-from project.console import configure_console  # noqa: E402
-from project.data.throughput import usable_cpus  # noqa: E402
+from project.feed.benchmark import SECTIONS, BenchmarkConfig, run_benchmark  # noqa: E402
+from project.feed.throughput import usable_cpus  # noqa: E402
+from project.runtime.console import configure_console  # noqa: E402
 from project.training import LOGS, check_accelerator, resolve_precision  # noqa: E402
 
 

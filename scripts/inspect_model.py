@@ -16,8 +16,8 @@ import argparse  # noqa: E402
 
 from project.cli import Parser, positive_int  # noqa: E402
 from project.models import ImageClassifier, build_backbone  # noqa: E402
-from project.models.finetune import freeze_feature_extractor  # noqa: E402
-from project.models.inspection import format_report, inspect_model  # noqa: E402
+from project.tools.finetune import freeze_feature_extractor  # noqa: E402
+from project.tools.inspection import format_report, inspect_model  # noqa: E402
 
 
 def parser() -> Parser:

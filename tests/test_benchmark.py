@@ -1,4 +1,4 @@
-"""scripts/benchmark_data.py and project.benchmark: every figure lands in the table, JSON, TensorBoard and chart."""
+"""scripts/benchmark_data.py and project.feed.benchmark: every figure lands in the table, JSON, TensorBoard, chart."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from project.benchmark import format_table
-from project.callbacks.data_feed import classify
-from project.data.throughput import choose_workers
+from project.feed.benchmark import format_table
+from project.feed.monitor import classify
+from project.feed.throughput import choose_workers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import benchmark_data  # noqa: E402

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from project.console import LIGHTNING_LOGGERS, DropProductTips, configure_console
+from project.runtime.console import LIGHTNING_LOGGERS, DropProductTips, configure_console
 
 
 class Tiny(L.LightningModule):

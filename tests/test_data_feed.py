@@ -13,8 +13,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from project.callbacks import DataFeedMonitor
-from project.callbacks.data_feed import MODEL_ADVICE, FeedSummary, classify, recommend, workers_needed
 from project.cli import train_parser
+from project.feed.monitor import MODEL_ADVICE, FeedSummary, classify, recommend, workers_needed
 from project.models import ImageClassifier
 from project.training import build_callbacks
 

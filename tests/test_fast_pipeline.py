@@ -13,7 +13,6 @@ from torchvision import transforms as T
 
 from project.cli import parse_args, train_parser
 from project.data import ImageDataModule, generate_shapes
-from project.data.pipelines import compare_pipelines
 from project.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -22,8 +21,9 @@ from project.data.transforms import (
     rotate_flip,
     tensor_train_transform,
 )
+from project.feed.lightning_overhead import make_batches, raw_step_seconds, trainer_step_seconds
+from project.feed.pipeline_comparison import compare_pipelines
 from project.models import ImageClassifier
-from project.models.overhead import make_batches, raw_step_seconds, trainer_step_seconds
 from project.training import build_datamodule, build_model
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)

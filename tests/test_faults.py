@@ -18,16 +18,22 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, Dataset
 
-from project.callbacks.faults import (
+from project.cli import UsageError
+from project.data import ImageDataModule, generate_shapes
+from project.runtime.checkpoints import (
+    AtomicCheckpointIO,
+    is_loadable,
+    model_checkpoint,
+    resolve_ckpt_path,
+    run_checkpoints,
+)
+from project.runtime.faults import (
     InterruptCheckpoint,
     NonFiniteLossError,
     NonFiniteLossGuard,
     clear_failures,
     explain_failure,
 )
-from project.checkpointing import AtomicCheckpointIO, is_loadable, model_checkpoint, resolve_ckpt_path, run_checkpoints
-from project.cli import UsageError
-from project.data import ImageDataModule, generate_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 

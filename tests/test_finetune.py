@@ -16,7 +16,7 @@ from project.cli import UsageError, parse_args, train_parser
 from project.data import ImageDataModule
 from project.models import ImageClassifier, build_backbone
 from project.models.backbones import head_name
-from project.models.finetune import BACKBONE_LR_RATIO, FreezeBackbone, feature_extractor, freeze_feature_extractor
+from project.tools.finetune import BACKBONE_LR_RATIO, FreezeBackbone, feature_extractor, freeze_feature_extractor
 from project.training import build_callbacks
 
 BACKBONES = ["simple_cnn", "resnet18", "mobilenet_v3_small"]

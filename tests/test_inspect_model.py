@@ -12,8 +12,8 @@ from torch import nn
 
 from project.data import ImageDataModule
 from project.models import ImageClassifier, SimpleCNN
-from project.models.finetune import freeze_feature_extractor
-from project.models.inspection import (
+from project.tools.finetune import freeze_feature_extractor
+from project.tools.inspection import (
     STATE_DICT_ABRIDGED,
     format_report,
     gradient_norms,

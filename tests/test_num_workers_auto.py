@@ -10,8 +10,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from project.cli import train_parser
-from project.data import ImageDataModule, generate_shapes, throughput
-from project.data.throughput import (
+from project.data import ImageDataModule, generate_shapes
+from project.feed import throughput
+from project.feed.throughput import (
     candidate_workers,
     choose_workers,
     end_to_end,

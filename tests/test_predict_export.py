@@ -17,9 +17,9 @@ from PIL import Image
 from project.data import ImageDataModule
 from project.data.folder import load_image
 from project.data.transforms import DeviceTransform, eval_transform
-from project.export import export, export_paths
 from project.models import ImageClassifier
-from project.predict import csv_header, predict
+from project.tools.export import export, export_paths
+from project.tools.predict import csv_header, predict
 from tests.conftest import load_script
 
 # preprocessing that differs from the data's and from the defaults, so using the wrong one shows

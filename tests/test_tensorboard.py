@@ -22,11 +22,11 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from project.callbacks import ModelGraphLogger
-from project.callbacks.tensorboard import unnormalize
 from project.data import generate_shapes
 from project.data.builtin import SHAPES
 from project.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform
 from project.models import ImageClassifier
+from project.views.tensorboard import unnormalize
 from tests.conftest import load_script
 
 IMAGE_SIZE, BATCH_SIZE = 32, 8

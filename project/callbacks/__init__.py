@@ -1,8 +1,9 @@
-"""Lightning callbacks."""
+"""The Lightning callbacks of the extras, importable from one place (`from project.callbacks import ...`)."""
 
-from project.callbacks.data_feed import DataFeedMonitor
-from project.callbacks.faults import BadImageMonitor, InterruptCheckpoint, NonFiniteLossGuard
-from project.callbacks.tensorboard import (
+from project.feed.monitor import DataFeedMonitor
+from project.runtime.faults import BadImageMonitor, InterruptCheckpoint, NonFiniteLossGuard
+from project.tools.finetune import FreezeBackbone
+from project.views.tensorboard import (
     AugmentedBatchGrid,
     ConfusionMatrixLogger,
     HparamsSummary,
@@ -15,6 +16,7 @@ __all__ = [
     "BadImageMonitor",
     "ConfusionMatrixLogger",
     "DataFeedMonitor",
+    "FreezeBackbone",
     "HparamsSummary",
     "InterruptCheckpoint",
     "MispredictionLogger",

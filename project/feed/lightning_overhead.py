@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from project.data.throughput import autocast_for, synchronize
+from project.feed.throughput import autocast_for, synchronize
 from project.models.backbones import build_backbone
 from project.models.classifier import ImageClassifier, decay_groups
 

@@ -22,8 +22,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from project.checkpointing import INTERRUPTED
 from project.data.folder import BadImageError
+from project.runtime.checkpoints import INTERRUPTED
 
 
 class TrainingStopped(RuntimeError):

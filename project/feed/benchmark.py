@@ -35,14 +35,14 @@ from torch.utils.data import DataLoader, RandomSampler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from project.callbacks.data_feed import DataFeedMonitor
 from project.data.datamodule import ImageDataModule
 from project.data.folder import ImageFolderDataset, load_image
-from project.data.pipelines import compare_pipelines, make_benchmark_images, naive_dataset
-from project.data.throughput import choose_workers, measure_loader, measure_model, usable_cpus
 from project.data.transforms import train_transform
+from project.feed.lightning_overhead import lightning_overhead, model_variants
+from project.feed.monitor import DataFeedMonitor
+from project.feed.pipeline_comparison import compare_pipelines, make_benchmark_images, naive_dataset
+from project.feed.throughput import choose_workers, measure_loader, measure_model, usable_cpus
 from project.models import ImageClassifier, build_backbone
-from project.models.overhead import lightning_overhead, model_variants
 
 Rows = list[dict[str, Any]]
 

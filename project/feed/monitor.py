@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.data import extract_batch_size
 
-from project.data.throughput import worker_budget
+from project.feed.throughput import worker_budget
 
 DATA_BOUND = 0.25  # waiting a quarter of each step or more: the loader is the bottleneck
 MODEL_BOUND = 0.10  # waiting under a tenth: feeding is fine, the model sets the pace

@@ -35,8 +35,8 @@ from torchvision.transforms import v2
 from project.data.builtin import generate_shapes
 from project.data.datamodule import ImageDataModule
 from project.data.folder import load_image
-from project.data.throughput import measure_loader
 from project.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform
+from project.feed.throughput import measure_loader
 
 
 def make_benchmark_images(root: str | os.PathLike, image_size: int = 1024, per_class: int = 40) -> Path:

@@ -1,0 +1,4 @@
+"""The data-feeding toolkit: the feed monitor, `num_workers auto`, loader and model timing, the benchmarks.
+
+Used as it is; the template core never imports it (the training run wires it in).
+"""

@@ -1,0 +1,1 @@
+"""TensorBoard views beyond the scalars: augmented batch, confusion matrix, mispredictions, graph, hparams."""
