@@ -2,45 +2,169 @@
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import docstring_parser
 import lightning as L
 import torch
+import yaml
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveInt
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.profilers import AdvancedProfiler, PyTorchProfiler, SimpleProfiler
 
-from project.cli import UsageError, to_yaml
-from project.data import ImageDataModule
-from project.feed.monitor import DataFeedMonitor
-from project.feed.throughput import auto_num_workers, worker_budget
-from project.models import ImageClassifier
-from project.runtime.checkpoints import AtomicCheckpointIO, model_checkpoint, resolve_ckpt_path
-from project.runtime.console import configure_console
-from project.runtime.faults import BadImageMonitor, InterruptCheckpoint, NonFiniteLossGuard, clear_failures
-from project.tools.finetune import FreezeBackbone
-from project.views.tensorboard import (
+from project.callbacks import (
     AugmentedBatchGrid,
+    BadImageMonitor,
     ConfusionMatrixLogger,
+    DataFeedMonitor,
+    FreezeBackbone,
     HparamsSummary,
+    InterruptCheckpoint,
     MispredictionLogger,
     ModelGraphLogger,
+    NonFiniteLossGuard,
 )
+from project.cli import FlagParser, UsageError, flag_parser, import_class, kwargs_for, parse_flags, switches, to_yaml
+from project.data import ImageDataModule
+from project.feed.throughput import auto_num_workers, worker_budget
+from project.models import ImageClassifier, available_backbones
+from project.runtime.checkpoints import AtomicCheckpointIO, model_checkpoint, resolve_ckpt_path
+from project.runtime.console import configure_console
+from project.runtime.faults import clear_failures
 
 LOGS = "lightning_logs"
 # the bar reads its metrics (a host sync on a GPU) at each refresh: every 10 steps keeps syncs off most steps
 PROGRESS_REFRESH_STEPS = 10
 PROFILERS = {"simple": SimpleProfiler, "advanced": AdvancedProfiler, "pytorch": PyTorchProfiler}
+# The Trainer arguments train.py exposes: (the type that checks the flag, train.py's default). The types are
+# narrower than the Trainer's own hints, which admit values Lightning rejects only once training starts.
+TRAINER_FLAGS: dict[str, tuple[Any, Any]] = {
+    "accelerator": (Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"], "auto"),
+    "devices": (int | str, "auto"),
+    "strategy": (str, "auto"),
+    "num_nodes": (PositiveInt, 1),
+    "max_epochs": (PositiveInt, 3),
+    "deterministic": (bool, False),
+    "default_root_dir": (str, "."),
+    "limit_train_batches": (NonNegativeInt | ClosedUnitInterval, 1.0),
+    "limit_val_batches": (NonNegativeInt | ClosedUnitInterval, 1.0),
+    "limit_test_batches": (NonNegativeInt | ClosedUnitInterval, 1.0),
+    "fast_dev_run": (NonNegativeInt, 0),
+    "log_every_n_steps": (PositiveInt, 10),
+    "accumulate_grad_batches": (PositiveInt, 1),
+    "gradient_clip_val": (NonNegativeFloat | None, None),
+}
+
+
+@dataclass
+class RunOptions:
+    """What a run does besides the data, the model and the Trainer.
+
+    Args:
+        datamodule: the DataModule class, as module.Class importable from the working directory (e.g. your
+            ImageDataModule subclass); its own constructor parameters become flags too
+        precision: Lightning's precision; auto: bf16-mixed on GPUs that support it, else 32-true
+        profiler: Lightning's profiler, its report written into the run folder
+        ckpt_path: resume from a checkpoint file, or last: the newest checkpoint of the newest run
+        feed_monitor: measure the data wait of every step and say whether data or model is the bottleneck
+        freeze_backbone: train only the classification head; the feature extractor is frozen
+        unfreeze_at_epoch: with freeze_backbone: unfreeze the feature extractor at this epoch (0-based)
+    """
+
+    datamodule: str = "project.data.ImageDataModule"
+    precision: Literal["auto", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "64-true", "64"] = "auto"
+    profiler: Literal["none", "simple", "advanced", "pytorch"] = "none"
+    ckpt_path: str | None = None
+    feed_monitor: bool = True
+    freeze_backbone: bool = False
+    unfreeze_at_epoch: NonNegativeInt | None = None
+
+
+# set from the data, not from flags
+FROM_DATA = {"num_classes", "class_names", "image_size", "mean", "std"}
+
+
+def train_parser(datamodule_class: type = ImageDataModule) -> FlagParser:
+    """train.py's flags: the DataModule's, ImageClassifier's, RunOptions' and TRAINER_FLAGS."""
+    skip = {datamodule_class: {"collate_fn", "predict_paths", "mean", "std"}, ImageClassifier: FROM_DATA}
+    parser = flag_parser(
+        "train.py",
+        "Train an image classifier (Lightning) on an image folder. Flags take hyphens too (--max-epochs), "
+        "and yes/no flags take --cache, --no-cache or --cache true|false.",
+        [datamodule_class, ImageClassifier, RunOptions],
+        skip,
+    )
+    # the Trainer's own help, its first sentence (the rest speaks of the Trainer's defaults, not train.py's)
+    docs = {
+        p.arg_name: re.split(r"(?<=\.)\s", p.description or "")[0]
+        for p in docstring_parser.parse(L.Trainer.__init__.__doc__ or "").params
+    }
+    for name, (hint, default) in TRAINER_FLAGS.items():
+        parser.add_argument(f"--{name}", type=hint, default=default, help=docs.get(name))
+    return parser
+
+
+def datamodule_class(argv: Sequence[str]) -> type:
+    """The class `--datamodule` names, in argv or in the `--config` file (read before the parser exists,
+    because the class decides which flags there are)."""
+    path = None
+    for i, arg in enumerate(argv):
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if arg == "--datamodule" and following:
+            path = following
+        elif arg.startswith("--datamodule="):
+            path = arg.partition("=")[2]
+        elif arg == "--config" and following and path is None and Path(following).is_file():
+            with contextlib.suppress(yaml.YAMLError, AttributeError):
+                path = (yaml.safe_load(Path(following).read_text()) or {}).get("datamodule")
+    if path is None or path == RunOptions.datamodule:
+        return ImageDataModule
+    cls = import_class(path)
+    if not (isinstance(cls, type) and issubclass(cls, L.LightningDataModule)):
+        raise UsageError(f"--datamodule {path}: not a LightningDataModule subclass")
+    return cls
+
+
+def parse_train_flags(argv: Sequence[str]) -> dict[str, Any]:
+    """train.py's flags as a flat dict; exits 2 with one line on a flag the parser refuses."""
+    cls = datamodule_class(argv)
+    values = parse_flags(train_parser(cls), argv, switches([cls, ImageClassifier, RunOptions]) | {"deterministic"})
+    check_flags(values)
+    return values
+
+
+def check_flags(values: dict[str, Any]) -> None:
+    """What no type hint can say: paths that must exist, names from registries, flags that need another."""
+    data_dir, root = values.get("data_dir"), values["default_root_dir"]
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise UsageError(f"argument --data_dir: no such folder {data_dir!r}")
+    if Path(root).exists() and not Path(root).is_dir():
+        raise UsageError(f"argument --default_root_dir: {root!r} is a file, not a folder")
+    if values["backbone"] not in available_backbones():
+        raise UsageError(
+            f"argument --backbone: unknown backbone {values['backbone']!r}; choose simple_cnn, resnet18, "
+            f"mobilenet_v3_small, ... (all: {', '.join(available_backbones())})"
+        )
+    if values["unfreeze_at_epoch"] is not None and not values["freeze_backbone"]:
+        raise UsageError(
+            f"--unfreeze_at_epoch {values['unfreeze_at_epoch']} needs --freeze_backbone (nothing is frozen)"
+        )
+    check_accelerator(values["accelerator"])
 
 
 class SaveConfig(Callback):
     """Write the run's resolved flags to `<run folder>/config.yaml` (rank 0 only)."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.text = to_yaml(args)
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.text = to_yaml(values)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         log_dir = trainer.log_dir  # on every rank: under DDP it is a broadcast, a collective call
@@ -64,129 +188,112 @@ def check_accelerator(accelerator: str) -> None:
         raise UsageError(f"--accelerator {accelerator}: found {found}; use --accelerator cpu or auto")
 
 
-def build_datamodule(args: argparse.Namespace) -> ImageDataModule:
-    return ImageDataModule(
-        data_dir=args.data_dir,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        # `auto` is resolved by a measured sweep just before fit; until then, every worker allowed
-        num_workers=worker_budget() if args.num_workers == "auto" else args.num_workers,
-        drop_last=args.drop_last,
-        shuffle=args.shuffle,
-        sampler=args.sampler,
-        pin_memory=args.pin_memory,
-        persistent_workers=args.persistent_workers,
-        prefetch_factor=args.prefetch_factor,
-        rotation=args.rotation,
-        hflip=args.hflip,
-        augment_on=args.augment_on,
-        cache=args.cache,
-        cache_dir=args.cache_dir,
-        channels_last=args.channels_last,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        skip_bad_images=args.skip_bad_images,
-        max_bad_fraction=args.max_bad_fraction,
-        loader_timeout=args.loader_timeout,
-    )
+def build_datamodule(values: dict[str, Any]) -> L.LightningDataModule:
+    cls = datamodule_class(["--datamodule", values.get("datamodule", RunOptions.datamodule)])
+    kwargs = kwargs_for(cls, values)
+    if kwargs.get("num_workers") == "auto":  # measured just before fit; until then, every worker allowed
+        kwargs["num_workers"] = worker_budget()
+    return cls(**kwargs)
 
 
-def build_model(args: argparse.Namespace, datamodule: ImageDataModule) -> ImageClassifier:
-    classes = datamodule.classes
-    return ImageClassifier(
-        backbone=args.backbone,
-        num_classes=len(classes),
-        class_names=classes,
-        pretrained=args.pretrained,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        momentum=args.momentum,
-        warmup_epochs=args.warmup_epochs,
-        label_smoothing=args.label_smoothing,
-        compile=args.compile,
-        channels_last=args.channels_last,
-        **datamodule.preprocessing,
-    )
+def build_model(values: dict[str, Any], datamodule: L.LightningDataModule) -> ImageClassifier:
+    classes = list(datamodule.classes)
+    kwargs = {k: v for k, v in kwargs_for(ImageClassifier, values).items() if k not in FROM_DATA}
+    model = ImageClassifier(**kwargs, num_classes=len(classes), class_names=classes, **datamodule.preprocessing)
+    check_image_size(model, datamodule.preprocessing["image_size"])
+    return model
 
 
-def build_callbacks(args: argparse.Namespace) -> list[Callback]:
+def check_image_size(model: ImageClassifier, image_size: int) -> None:
+    """One forward pass of a blank image, so a backbone that cannot take `image_size` (inception_v3 needs
+    75 px, the ViTs exactly 224) is a usage error now rather than a crash in the first training step."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size))
+    except (RuntimeError, AssertionError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(
+            f"--backbone {model.hparams.backbone} cannot take --image_size {image_size} images ({reason}); "
+            "pick an --image_size it accepts, or another --backbone"
+        ) from None
+    finally:
+        model.train()
+
+
+def build_callbacks(values: dict[str, Any]) -> list[Callback]:
     """The run's callbacks besides checkpointing, in the order they should run."""
     callbacks: list[Callback] = [
         LearningRateMonitor(logging_interval="step"),
-        SaveConfig(args),
+        SaveConfig(values),
         TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS),
     ]
-    if args.unfreeze_at_epoch is not None and not args.freeze_backbone:
-        raise UsageError(f"--unfreeze_at_epoch {args.unfreeze_at_epoch} needs --freeze_backbone (nothing is frozen)")
-    if args.freeze_backbone:
-        callbacks.append(FreezeBackbone(unfreeze_at_epoch=args.unfreeze_at_epoch))
+    if values["freeze_backbone"]:
+        callbacks.append(FreezeBackbone(unfreeze_at_epoch=values["unfreeze_at_epoch"]))
     # TensorBoard views: the augmented batch, confusion matrix, mistakes, graph, flags with final metrics
     callbacks += [
         AugmentedBatchGrid(),
         ConfusionMatrixLogger(),
         MispredictionLogger(),
         ModelGraphLogger(),
-        HparamsSummary({k: v for k, v in vars(args).items() if k != "config"}),
+        HparamsSummary(values),
     ]
-    if args.feed_monitor:
+    if values["feed_monitor"]:
         callbacks.append(DataFeedMonitor())
     # faults: Ctrl+C / SIGTERM leave a resumable checkpoint; a NaN loss or too many unreadable images stop the run
     callbacks += [InterruptCheckpoint(), NonFiniteLossGuard()]
-    if args.skip_bad_images:
-        callbacks.append(BadImageMonitor(args.max_bad_fraction))
+    if values.get("skip_bad_images"):
+        callbacks.append(BadImageMonitor(values["max_bad_fraction"]))
     return callbacks
 
 
-def build_trainer(args: argparse.Namespace, callbacks: list[Callback]) -> L.Trainer:
-    logger = TensorBoardLogger(save_dir=str(args.default_root_dir), name=LOGS, default_hp_metric=False)
-    profiler = PROFILERS[args.profiler](filename="profile") if args.profiler != "none" else None
-    return L.Trainer(
-        accelerator=args.accelerator,
-        devices=args.devices,
-        strategy=args.strategy,
-        num_nodes=args.num_nodes,
-        precision=resolve_precision(args.precision, args.accelerator),
-        max_epochs=args.max_epochs,
-        profiler=profiler,
-        deterministic=args.deterministic,
-        default_root_dir=str(args.default_root_dir),
-        limit_train_batches=args.limit_train_batches,
-        limit_val_batches=args.limit_val_batches,
-        limit_test_batches=args.limit_test_batches,
-        fast_dev_run=args.fast_dev_run or False,
-        log_every_n_steps=args.log_every_n_steps,
-        accumulate_grad_batches=args.accumulate_grad_batches,
-        gradient_clip_val=args.gradient_clip_val,
-        logger=logger,
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-    )
+def build_trainer(values: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
+    """The Trainer from TRAINER_FLAGS; a combination Lightning refuses (devices, strategy) is a usage error."""
+    root = values["default_root_dir"]
+    logger = TensorBoardLogger(save_dir=root, name=LOGS, default_hp_metric=False)
+    profiler = PROFILERS[values["profiler"]](filename="profile") if values["profiler"] != "none" else None
+    kwargs = {name: values[name] for name in TRAINER_FLAGS}
+    kwargs["fast_dev_run"] = kwargs["fast_dev_run"] or False
+    try:
+        return L.Trainer(
+            **kwargs,
+            precision=resolve_precision(values["precision"], values["accelerator"]),
+            profiler=profiler,
+            logger=logger,
+            callbacks=callbacks,
+            plugins=[AtomicCheckpointIO()],
+        )
+    except (MisconfigurationException, ValueError, TypeError) as error:
+        message = " ".join(str(error).split())
+        named = sorted((message.find(name), name) for name in TRAINER_FLAGS if name in message)  # the first named
+        raise UsageError(f"argument --{named[0][1]}: {message}" if named else message) from None
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
+def train(values: dict[str, Any]) -> dict[str, Any]:
     """Fit, validate every epoch, test the best checkpoint when there is a test split; print a summary.
 
-    Returns the figures of the summary: best_val_acc, test_acc, best_checkpoint, last_checkpoint, log_dir.
+    `values` are train.py's flags (`parse_train_flags`). Returns the figures of the summary:
+    best_val_acc, test_acc, best_checkpoint, last_checkpoint, log_dir.
     """
     configure_console()
-    check_accelerator(args.accelerator)
-    ckpt_path = resolve_ckpt_path(args.ckpt_path, args.default_root_dir)
-    if args.ckpt_path == "last":
+    ckpt_path = resolve_ckpt_path(values["ckpt_path"], values["default_root_dir"])
+    if values["ckpt_path"] == "last":
         print(f"resuming from {ckpt_path}")
+    checkpoint = model_checkpoint()
+    trainer = build_trainer(values, [checkpoint, *build_callbacks(values)])  # before any work: it checks flags
 
-    L.seed_everything(args.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(args)
+    L.seed_everything(values.get("seed", 0), workers=True, verbose=False)
+    datamodule = build_datamodule(values)
     try:
         datamodule.prepare_data()
-        datamodule.setup("fit")  # layout errors (empty class folder, val/ classes differ) before any work
-        model = build_model(args, datamodule)
+        # every split's layout (empty class folder, val/ or test/ classes unlike train/'s) before any training
+        datamodule.setup("fit")
+        datamodule.setup("test")
+        model = build_model(values, datamodule)
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None
 
-    checkpoint = model_checkpoint()
-    trainer = build_trainer(args, [checkpoint, *build_callbacks(args)])
-    if args.num_workers == "auto":
+    if values.get("num_workers") == "auto":
         auto_num_workers(datamodule, model, trainer)
     with clear_failures(trainer):  # interruption: exit 128 + signal; known faults: one line, exit 1
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -198,22 +305,22 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "log_dir": trainer.log_dir,
         "test_acc": None,
     }
-    if datamodule.has_test and not trainer.interrupted:
+    if getattr(datamodule, "test_set", None) is not None and not trainer.interrupted:
         with clear_failures(trainer):
             tested = trainer.test(
                 model, datamodule=datamodule, ckpt_path="best" if checkpoint.best_model_path else None, verbose=False
             )
         results["test_acc"] = tested[0].get("test/acc") if tested else None
     if trainer.is_global_zero:
-        print_summary(results, args)
+        print_summary(results, values["default_root_dir"])
     return results
 
 
-def print_summary(results: dict[str, Any], args: argparse.Namespace) -> None:
+def print_summary(results: dict[str, Any], root: str) -> None:
     def fmt(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
-    logs = os.path.relpath(Path(args.default_root_dir) / LOGS)
+    logs = os.path.relpath(Path(root) / LOGS)
     print(f"\nbest val/acc {fmt(results['best_val_acc'])}   test/acc {fmt(results['test_acc'])}")
     if results["best_checkpoint"]:
         print(f"best checkpoint: {os.path.relpath(results['best_checkpoint'])}")

@@ -8,14 +8,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from project.cli import UsageError, parse_args, train_parser  # noqa: E402
-from project.training import train  # noqa: E402
+from project.cli import UsageError  # noqa: E402
+from project.training import parse_train_flags, train  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(train_parser(), argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        train(args)
+        train(parse_train_flags(argv))
     except UsageError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2

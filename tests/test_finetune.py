@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 import lightning as L
@@ -12,12 +11,12 @@ from lightning.pytorch.callbacks import Callback, ModelSummary
 from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
 from torch import nn
 
-from project.cli import UsageError, parse_args, train_parser
+from project.cli import UsageError
 from project.data import ImageDataModule
 from project.models import ImageClassifier, build_backbone
 from project.models.backbones import head_name
 from project.tools.finetune import BACKBONE_LR_RATIO, FreezeBackbone, feature_extractor, freeze_feature_extractor
-from project.training import build_callbacks
+from project.training import build_callbacks, parse_train_flags
 
 BACKBONES = ["simple_cnn", "resnet18", "mobilenet_v3_small"]
 
@@ -155,15 +154,14 @@ def test_unfreeze_at_epoch_trains_the_feature_extractor_from_then_on_also_after_
 
 
 def test_cli_flags_add_the_callback():
-    args = parse_args(train_parser(), ["--freeze_backbone", "--unfreeze_at_epoch", "2"])
+    args = parse_train_flags(["--freeze_backbone", "--unfreeze_at_epoch", "2"])
     found = [c for c in build_callbacks(args) if isinstance(c, FreezeBackbone)]
     assert len(found) == 1 and found[0].unfreeze_at_epoch == 2
-    args = parse_args(train_parser(), ["--freeze-backbone"])
+    args = parse_train_flags(["--freeze-backbone"])
     assert [c.unfreeze_at_epoch for c in build_callbacks(args) if isinstance(c, FreezeBackbone)] == [None]
-    assert not any(isinstance(c, FreezeBackbone) for c in build_callbacks(parse_args(train_parser(), [])))
+    assert not any(isinstance(c, FreezeBackbone) for c in build_callbacks(parse_train_flags([])))
 
 
 def test_unfreeze_without_freeze_is_a_usage_error():
-    args = argparse.Namespace(**vars(parse_args(train_parser(), ["--unfreeze_at_epoch", "1"])))
     with pytest.raises(UsageError, match="--freeze_backbone"):
-        build_callbacks(args)
+        parse_train_flags(["--unfreeze_at_epoch", "1"])

@@ -106,13 +106,20 @@ def _pretrained_torchvision(name: str, num_classes: int, **kw) -> nn.Module:
     return model
 
 
+# their auxiliary classifiers make the training forward return a tuple; the loss takes the main logits only
+WITHOUT_AUX_HEADS = {"googlenet": {"aux_logits": False}, "inception_v3": {"aux_logits": False}}
+
+
 def build_backbone(name: str, num_classes: int, pretrained: bool = False, **kw) -> nn.Module:
     """Build backbone `name` with a `num_classes`-way head. Nothing is downloaded unless `pretrained`."""
     if name in BACKBONES:
         return BACKBONES[name](num_classes, pretrained=pretrained, **kw)
     if name in torchvision_backbones():
+        kw = {**WITHOUT_AUX_HEADS.get(name, {}), **kw}
         if pretrained:
             return _pretrained_torchvision(name, num_classes, **kw)
+        if name in WITHOUT_AUX_HEADS:
+            kw.setdefault("init_weights", True)  # torchvision warns that its default init will change
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
     raise ValueError(
         f"unknown backbone {name!r}; choose simple_cnn, resnet18, mobilenet_v3_small, ... "

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Literal
 
 import lightning as L
 import torch
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt, restricted_number_type
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -21,6 +23,7 @@ from project.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from project.models.backbones import build_backbone
 
 OPTIMIZERS = ("adamw", "sgd")
+Fraction = restricted_number_type("Fraction", float, [(">=", 0), ("<", 1)])  # momentum, label smoothing: [0, 1)
 
 
 def decay_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
@@ -44,34 +47,42 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
 class ImageClassifier(L.LightningModule):
     """Image classification with any registered backbone.
 
+    Every parameter but num_classes, class_names, image_size, mean and std (which come from the data) is
+    also a flag of `scripts/train.py`: same name, its type and default, and the line below as help.
+
     Args:
-        backbone: a name from `project.models.available_backbones()`.
-        num_classes: outputs of the head; class_names: their names, in label order.
-        image_size, mean, std: the preprocessing the model was trained with (used by prediction).
-        pretrained: start from torchvision's ImageNet weights (downloads; opt-in).
-        optimizer: "adamw" or "sgd" (momentum `momentum`, Nesterov).
-        lr, weight_decay: peak learning rate and decay (not applied to biases and norm weights).
-        warmup_epochs: linear warm-up length before the cosine decay (fractions allowed).
-        label_smoothing: cross-entropy label smoothing.
-        compile: `torch.compile` the backbone when the Trainer sets the model up (state_dict keys unchanged).
-        channels_last: keep weights and inputs NHWC-strided (faster convolutions on GPUs, mixed precision).
+        backbone: simple_cnn, or any torchvision classifier (resnet18, mobilenet_v3_small, ...)
+        num_classes: outputs of the head
+        class_names: the class names, in label order
+        image_size: the image side the model was trained at (used by prediction)
+        mean: the normalization mean the model was trained with
+        std: the normalization standard deviation the model was trained with
+        pretrained: start from torchvision's ImageNet weights (downloads them; fails clearly offline)
+        optimizer: adamw, or sgd with Nesterov momentum
+        lr: peak learning rate
+        weight_decay: decoupled weight decay (not on biases and norm weights)
+        momentum: SGD momentum
+        warmup_epochs: linear warm-up before the cosine decay (fractions allowed)
+        label_smoothing: cross-entropy label smoothing
+        compile: torch.compile the backbone (pays off on GPUs for long runs; the first steps compile)
+        channels_last: NHWC memory format for weights and batches (faster convolutions on tensor-core GPUs)
     """
 
     def __init__(
         self,
         backbone: str = "simple_cnn",
-        num_classes: int = 8,
+        num_classes: PositiveInt = 8,
         class_names: Sequence[str] | None = None,
-        image_size: int = 64,
+        image_size: PositiveInt = 64,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         pretrained: bool = False,
-        optimizer: str = "adamw",
-        lr: float = 5e-3,
-        weight_decay: float = 0.05,
-        momentum: float = 0.9,
-        warmup_epochs: float = 0.5,
-        label_smoothing: float = 0.0,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        lr: PositiveFloat = 5e-3,
+        weight_decay: NonNegativeFloat = 0.05,
+        momentum: Fraction = 0.9,
+        warmup_epochs: NonNegativeFloat = 0.5,
+        label_smoothing: Fraction = 0.0,
         compile: bool = False,
         channels_last: bool = False,
     ) -> None:
@@ -85,6 +96,7 @@ class ImageClassifier(L.LightningModule):
         self.save_hyperparameters()
 
         self.model = build_backbone(backbone, num_classes, pretrained=pretrained)
+        self.backbone_compiled = False
         if channels_last:
             self.model.to(memory_format=torch.channels_last)  # 4-D weights only; values and keys unchanged
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -104,8 +116,10 @@ class ImageClassifier(L.LightningModule):
         # Module.compile() compiles the call in place: parameters and state_dict keys stay those of the
         # plain backbone (torch.compile(module) would prefix them with `_orig_mod.`), so checkpoints load
         # with or without --compile
-        if self.hparams.get("compile") and getattr(self.model, "_compiled_call_impl", None) is None:
+        # (configure_model runs again for test and predict: compile once)
+        if self.hparams.get("compile") and not self.backbone_compiled:
             self.model.compile()
+            self.backbone_compiled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.get("channels_last"):
