@@ -1,12 +1,23 @@
-"""The README cannot rot: every command of its fenced bash blocks is run, with tiny settings.
+"""The README and docs/*.md cannot rot: every command of their fenced bash blocks is run, with tiny settings.
 
-Blocks run in README order from the root of one scratch copy of the repository, so a later command may
-use what an earlier one wrote (a checkpoint, a run folder). With tiny settings:
-`python scripts/<name>.py ...` gets flags that make it take seconds (one epoch of two batches, a tiny
-generated dataset, the CPU when there is no GPU) and must exit 0; `pip install` and `pytest` lines are
-recorded, not run (CI runs them for real); `tensorboard --logdir DIR` checks that DIR exists by then.
-Plain command lines run in this process (no interpreter start-up per command); a block with any other
-shell (`mv`, pipes, `python -c`) runs in bash, in its own copy, with stand-ins for the commands above.
+Each document runs on its own: its blocks in order, from the root of one scratch copy of the repository,
+so a later command may use what an earlier one of the same document wrote (a checkpoint, a run folder).
+With tiny settings: `python scripts/<name>.py ...` gets flags that make it take seconds (one epoch of one
+batch, a tiny generated dataset, the CPU when there is no GPU) and must exit 0; `pip install` and
+`pytest` lines are recorded, not run (CI runs them for real); `tensorboard --logdir DIR` checks that DIR
+exists by then. Plain command lines run in this process (no interpreter start-up per command); a block
+with any other shell (`mv`, pipes, `python -c`) runs in bash, in its own copy, with stand-ins for the
+commands above.
+
+What is not exercised as written, and why:
+- `pip install ...` and `python -m pytest ...`: recorded only (installing and the suite itself are CI's job);
+- `tensorboard --logdir DIR`: not started (a server); only DIR's existence is checked;
+- GPU flags on a machine without CUDA: `--accelerator`, `--devices`, `--strategy` and `--precision` are
+  rewritten to one CPU process (`ON_CPU`), so the DDP examples run as a single process here
+  (tests/test_ddp.py covers DDP on the CPU); `torchrun` runs its script as that single process;
+- long runs: `TINY` caps training at one epoch of one batch and runs the benchmark with `--quick`, so the
+  commands are checked, the figures in docs/performance.md are not reproduced;
+- `text` blocks (sample output, the SLURM script) and `python` blocks (code to paste) are not run.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+DOCS = sorted((REPO / "docs").glob("*.md"))
 COPIED = ("project", "scripts", "tests", "pyproject.toml", "README.md")
 FENCE = re.compile(r"^```(?:bash|sh|shell)[ \t]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 LOG_ENV = "README_TEST_LOG"
@@ -272,14 +284,47 @@ def test_commands_are_parsed_and_shrunk() -> None:
     assert parse("grep -rl x . | xargs sed -i s/a/b/") is None
 
 
+def script_calls_missing(text: str, calls: list[str]) -> list[str]:
+    """The `scripts/<name>.py` a document shows that were never run (the tiny flags only ever come after its own)."""
+    shown = [line for block in shell_blocks(text) for line in command_lines(block)]
+    return [
+        script
+        for line in shown
+        for script in re.findall(r"\bscripts/\w+\.py\b", line)
+        if not any(script in c for c in calls)
+    ]
+
+
 @pytest.mark.slow
 def test_every_readme_command_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     text = README.read_text()
     calls = run_readme(text, tmp_path, capsys)
-    shown = [line for block in shell_blocks(text) for line in command_lines(block)]
-    # every script command the README shows was run (the tiny flags only ever come after its own)
-    for line in shown:
-        for script in re.findall(r"\bscripts/\w+\.py\b", line):
-            assert any(script in call for call in calls), f"{script} was never run: {calls}"
+    assert not script_calls_missing(text, calls), calls
     assert any(c.startswith(("pip install", "python -m pip install")) for c in calls), calls
     assert any(c.startswith(("python -m pytest", "pytest")) for c in calls), calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("doc", DOCS, ids=[doc.name for doc in DOCS])
+def test_every_docs_command_runs(doc: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    text = doc.read_text()
+    if not shell_blocks(text):
+        pytest.skip(f"{doc.name} has no bash blocks")
+    calls = run_readme(text, tmp_path, capsys)
+    assert not script_calls_missing(text, calls), calls
+
+
+def test_docs_links_resolve() -> None:
+    """Every relative link and image of the README and docs/*.md points at a file that exists, and every
+    page in docs/ is reachable from the README."""
+    link = re.compile(r"\]\(([^)\s]+)\)")
+    linked = set()
+    for page in [README, *DOCS]:
+        for target in link.findall(page.read_text()):
+            if re.match(r"[a-z]+://|#|mailto:", target):
+                continue
+            path = (page.parent / target.split("#")[0]).resolve()
+            assert path.exists(), f"{page.name} links to {target}, which does not exist"
+            linked.add(path)
+    unlinked = [doc.name for doc in DOCS if doc.resolve() not in linked]
+    assert not unlinked, f"docs/ pages no other page links to: {unlinked}"
