@@ -317,7 +317,8 @@ class HparamsSummary(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._metrics, self._best_val_acc = {}, None
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # not on_validation_epoch_end: callbacks run that hook before the module logs its epoch's val/acc
         value = trainer.callback_metrics.get("val/acc")
         if value is not None and not trainer.sanity_checking:
             self._best_val_acc = max(float(value), self._best_val_acc or float("-inf"))
