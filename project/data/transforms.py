@@ -1,7 +1,7 @@
 """Per-image CPU transforms (run in the loader's workers) and per-batch device transforms.
 
 The pipeline keeps images uint8 until they reach the device: workers decode (JPEG DCT-scaled to just
-above the training size), resize, then rotate and flip at the training resolution, and hand over
+above the training size), then resize, rotate and flip in one resampling, and hand over
 `(3, H, W)` uint8 tensors, a quarter of the bytes of float32 to copy between processes and to the
 device. Conversion to float and normalization happen on the device, batched, in
 `ImageDataModule.on_after_batch_transfer` (see `DeviceTransform`).
@@ -9,10 +9,13 @@ device. Conversion to float and normalization happen on the device, batched, in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -24,29 +27,58 @@ def resize_crop(image_size: int) -> list:
     return [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
 
 
-def train_transform(image_size: int, rotation: float = 0.0, hflip: bool = True) -> v2.Compose:
-    """Training transform on a PIL image -> `(3, S, S)` uint8 tensor, augmented on the CPU.
-
-    Resizing comes first, so the rotation runs at the training resolution: at 224 px it costs a
-    small fraction of what it costs on a 1024 px source.
-    """
-    return v2.Compose([*resize_crop(image_size), *augmentations(rotation, hflip), v2.PILToTensor()])
+def train_transform(image_size: int, rotation: float = 0.0, hflip: bool = True) -> Callable:
+    """Training transform on a PIL image -> `(3, S, S)` uint8 tensor, augmented on the CPU."""
+    if not rotation and not hflip:
+        return eval_transform(image_size)
+    return RandomResizeRotateFlip(image_size, rotation, hflip)
 
 
-def augmentations(rotation: float = 0.0, hflip: bool = True) -> list:
-    """Random rotation (bilinear, zero fill) and horizontal flip: on PIL images or `(3, H, W)` tensors."""
-    steps: list = []
-    if rotation:
-        steps.append(v2.RandomRotation(rotation, interpolation=v2.InterpolationMode.BILINEAR))
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    return steps
-
-
-def tensor_train_transform(rotation: float = 0.0, hflip: bool = True) -> v2.Compose | None:
+def tensor_train_transform(rotation: float = 0.0, hflip: bool = True) -> Callable | None:
     """Training augmentation of an already resized `(3, S, S)` uint8 tensor (a cached image), or None."""
-    steps = augmentations(rotation, hflip)
-    return v2.Compose(steps) if steps else None
+    if not rotation and not hflip:
+        return None
+    augment = RandomResizeRotateFlip(None, rotation, hflip)
+    return lambda image: augment(Image.fromarray(image.permute(1, 2, 0).numpy()))  # (3, S, S) -> (S, S, 3)
+
+
+def resize_rotate_flip(image: Image.Image, size: int, angle: float, flip: bool) -> Image.Image:
+    """Shorter side to `size`, centre square, rotated `angle` degrees counter-clockwise about the centre
+    (torchvision's convention), then mirrored if `flip`: one bilinear resampling, black outside the source.
+
+    One affine resampling replaces a resize followed by a rotation, each of which would resample every
+    pixel; an image more than twice the size is first box-reduced by an integer factor, so the bilinear
+    step never skips source pixels (no aliasing).
+    """
+    factor = min(image.size) // size
+    if factor >= 2:
+        image = image.reduce(factor)
+    w, h = image.size
+    scale = min(w, h) / size  # input pixels per output pixel
+    theta = math.radians(angle)
+    cos, sin = math.cos(theta) * scale, math.sin(theta) * scale
+    mirror = -1.0 if flip else 1.0
+    # output (x, y), relative to its centre, samples input (cos*m*x - sin*y, sin*m*x + cos*y) relative to
+    # the input's centre (y down, m = mirror): rotate, then mirror, as RandomRotation + RandomHorizontalFlip
+    a, b, d, e = cos * mirror, -sin, sin * mirror, cos
+    half = size / 2
+    c, f = w / 2 - (a + b) * half, h / 2 - (d + e) * half
+    return image.transform((size, size), Image.Transform.AFFINE, (a, b, c, d, e, f), Image.Resampling.BILINEAR)
+
+
+class RandomResizeRotateFlip:
+    """Random rotation (uniform in [-rotation, rotation] degrees) and horizontal flip (p = 0.5) of a PIL
+    image, resized to `image_size` (None: kept), as a `(3, S, S)` uint8 tensor: `resize_rotate_flip`."""
+
+    def __init__(self, image_size: int | None, rotation: float = 0.0, hflip: bool = True) -> None:
+        self.image_size, self.rotation, self.hflip = image_size, rotation, hflip
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        angle = float(torch.empty(1).uniform_(-self.rotation, self.rotation)) if self.rotation else 0.0
+        flip = self.hflip and bool(torch.rand(1) < 0.5)
+        size = self.image_size or min(image.size)
+        out = resize_rotate_flip(image, size, angle, flip)
+        return torch.from_numpy(np.array(out)).permute(2, 0, 1)  # (S, S, 3) -> (3, S, S) uint8, writable
 
 
 def eval_transform(image_size: int) -> v2.Compose:

@@ -1,0 +1,57 @@
+"""The one-pass CPU augmentation: the same picture as torchvision's resize, centre crop, rotate and flip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from project.data.transforms import RandomResizeRotateFlip, resize_rotate_flip
+
+
+def smooth_image(width: int, height: int) -> Image.Image:
+    """Gradients and a few blocks: every pixel differs from its mirror and its rotations."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    rgb = np.stack([255 * x / width, 255 * y / height, 127 + 60 * np.sin(x / 17) * np.cos(y / 23)], axis=-1)
+    rgb[height // 5 : height // 3, width // 6 : width // 2] = (250, 30, 30)
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+
+
+def reference(image: Image.Image, size: int, angle: float, flip: bool) -> torch.Tensor:
+    x = TF.center_crop(TF.resize(TF.pil_to_tensor(image), size, antialias=True), size)
+    x = TF.rotate(x, angle, interpolation=v2.InterpolationMode.BILINEAR)
+    return TF.horizontal_flip(x) if flip else x
+
+
+@pytest.mark.parametrize(("angle", "flip"), [(0.0, False), (23.0, False), (-17.5, True), (90.0, True)])
+@pytest.mark.parametrize("source", [(300, 240), (960, 1280)])  # a mild downscale, and one box-reduced first
+def test_one_resampling_matches_resize_crop_rotate_flip(angle, flip, source):
+    image, size = smooth_image(*source), 96
+    ours = torch.from_numpy(np.array(resize_rotate_flip(image, size, angle, flip))).permute(2, 0, 1)
+    expected = reference(image, size, angle, flip)
+    inner = slice(size // 4, 3 * size // 4)  # away from the zero-filled corners, whose edges differ by a pixel
+    difference = (ours[:, inner, inner].float() - expected[:, inner, inner].float()).abs().mean()
+    assert ours.shape == expected.shape == (3, size, size)
+    assert difference < 3.0  # grey levels; a wrong angle, direction or flip gives tens
+    if angle or flip:  # and the augmentation is not the plain resize
+        assert (ours.float() - reference(image, size, 0.0, False).float()).abs().mean() > 10
+
+
+def test_random_angles_and_flips_follow_the_requested_distribution():
+    torch.manual_seed(0)
+    image = smooth_image(64, 64)
+    augment = RandomResizeRotateFlip(64, rotation=30.0, hflip=True)
+    outputs = torch.stack([augment(image) for _ in range(400)]).float()
+    red_right = (outputs[:, 0, 12:21, 32:] > 200).float().sum((1, 2)) > (outputs[:, 0, 12:21, :32] > 200).float().sum(
+        (1, 2)
+    )
+    assert 0.4 < red_right.float().mean() < 0.6  # flipped about half the time
+    corners = (outputs.sum(1)[:, :4, :4] == 0).float().mean((1, 2))  # black fill appears with |angle| > 0
+    assert 0.5 < (corners > 0).float().mean() < 1.0  # most draws rotate visibly; not every one
+    torch.manual_seed(1)
+    first = augment(image)
+    torch.manual_seed(1)
+    assert torch.equal(first, augment(image))  # torch's RNG: seeded per worker by seed_everything(workers=True)
