@@ -45,9 +45,8 @@ def test_random_angles_and_flips_follow_the_requested_distribution():
     image = smooth_image(64, 64)
     augment = RandomResizeRotateFlip(64, rotation=30.0, hflip=True)
     outputs = torch.stack([augment(image) for _ in range(400)]).float()
-    red_right = (outputs[:, 0, 12:21, 32:] > 200).float().sum((1, 2)) > (outputs[:, 0, 12:21, :32] > 200).float().sum(
-        (1, 2)
-    )
+    block = (outputs[:, 0] > 200) & (outputs[:, 2] < 50)  # the red block's pixels: nothing else is red and not blue
+    red_right = block[:, :, 32:].sum((1, 2)) > block[:, :, :32].sum((1, 2))
     assert 0.4 < red_right.float().mean() < 0.6  # flipped about half the time
     corners = (outputs.sum(1)[:, :4, :4] == 0).float().mean((1, 2))  # black fill appears with |angle| > 0
     assert 0.5 < (corners > 0).float().mean() < 1.0  # most draws rotate visibly; not every one
@@ -55,3 +54,10 @@ def test_random_angles_and_flips_follow_the_requested_distribution():
     first = augment(image)
     torch.manual_seed(1)
     assert torch.equal(first, augment(image))  # torch's RNG: seeded per worker by seed_everything(workers=True)
+
+
+def test_a_much_larger_image_is_not_aliased():
+    checkerboard = (np.indices((1000, 1000)).sum(0) % 2 * 255).astype(np.uint8)  # 1-pixel squares: grey when shrunk
+    image = Image.fromarray(np.stack([checkerboard] * 3, axis=-1))
+    ours = np.array(resize_rotate_flip(image, 96, 0.0, False)).astype(np.float64)
+    assert abs(ours.mean() - 127.5) < 10 and ours.std() < 10  # bilinear taps every 10.4 pixels would not be
