@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import RandomSampler, SequentialSampler, WeightedRandomSampler
 
 from project.data import ImageDataModule, generate_shapes
 from project.data.datamodule import stratified_split
@@ -37,13 +38,17 @@ def test_batches_are_uint8_from_workers_and_normalized_float_after_transfer(tiny
 
 
 def test_drop_last_drops_only_in_training(tiny_shapes):
-    n_train = len(make_dm(tiny_shapes).train_set)  # 320
-    dm = make_dm(tiny_shapes, batch_size=96, drop_last=True)
-    assert len(dm.train_dataloader()) == n_train // 96
-    assert len(labels_of(dm.train_dataloader())) == (n_train // 96) * 96
-    dm = make_dm(tiny_shapes, batch_size=96, drop_last=False)
-    assert len(labels_of(dm.train_dataloader())) == n_train
-    assert len(labels_of(dm.val_dataloader())) == len(dm.val_set)
+    # one module with drop_last=True: its train loader drops the ragged batch, val and test keep every sample
+    dm = make_dm(tiny_shapes, batch_size=48, drop_last=True)  # 320 train, 80 val, 80 test images
+    dm.setup("test")
+    train, val, test = dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()
+    assert train.drop_last is True
+    assert val.drop_last is False and test.drop_last is False
+    assert len(train) == 320 // 48 and len(labels_of(train)) == (320 // 48) * 48
+    assert len(val) == 2 and len(labels_of(val)) == len(dm.val_set) == 80  # 48 + 32: the short batch stays
+    assert len(test) == 2 and len(labels_of(test)) == len(dm.test_set) == 80
+    keep = make_dm(tiny_shapes, batch_size=48, drop_last=False).train_dataloader()
+    assert keep.drop_last is False and len(keep) == 7 and len(labels_of(keep)) == 320
 
 
 def test_shuffle_shuffles(tiny_shapes):
@@ -94,11 +99,45 @@ def test_custom_collate_fn_is_used(tiny_shapes):
     assert calls == [8, 8]
 
 
-def test_pin_memory_and_worker_settings_reach_the_loader(tiny_shapes):
-    loader = make_dm(tiny_shapes, num_workers=2, prefetch_factor=3, persistent_workers=True).train_dataloader()
-    assert loader.num_workers == 2 and loader.prefetch_factor == 3 and loader.persistent_workers
-    assert loader.pin_memory is False  # no accelerator here
-    assert make_dm(tiny_shapes, pin_memory=True).train_dataloader().pin_memory is True
+@pytest.mark.parametrize(
+    ("persistent_workers", "prefetch_factor", "pin_memory", "timeout"), [(False, 5, True, 7.0), (True, 3, False, 0.0)]
+)
+def test_worker_and_memory_settings_reach_every_loader(
+    tiny_shapes, persistent_workers, prefetch_factor, pin_memory, timeout
+):
+    dm = make_dm(
+        tiny_shapes,
+        num_workers=2,
+        persistent_workers=persistent_workers,
+        prefetch_factor=prefetch_factor,
+        pin_memory=pin_memory,
+        loader_timeout=timeout,
+    )
+    dm.setup("test")
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+        assert loader.num_workers == 2
+        assert loader.persistent_workers is persistent_workers
+        assert loader.prefetch_factor == prefetch_factor
+        assert loader.pin_memory is pin_memory
+        assert loader.timeout == timeout
+
+
+def test_pin_memory_defaults_to_off_without_an_accelerator(tiny_shapes):
+    dm = make_dm(tiny_shapes)
+    assert dm.train_dataloader().pin_memory is False and dm.val_dataloader().pin_memory is False
+
+
+def test_balanced_sampler_is_used_for_training_only(tiny_shapes):
+    dm = make_dm(tiny_shapes, sampler="balanced", num_workers=2, persistent_workers=False)
+    train, val = dm.train_dataloader(), dm.val_dataloader()
+    assert isinstance(train.sampler, WeightedRandomSampler)
+    assert train.sampler.replacement and train.sampler.num_samples == len(dm.train_set)
+    assert isinstance(val.sampler, SequentialSampler)
+    plain = make_dm(tiny_shapes, sampler="random")
+    assert isinstance(plain.train_dataloader().sampler, RandomSampler)
+    assert isinstance(plain.val_dataloader().sampler, SequentialSampler)
+    ordered = make_dm(tiny_shapes, sampler="random", shuffle=False)
+    assert isinstance(ordered.train_dataloader().sampler, SequentialSampler)
 
 
 def test_missing_val_is_split_off_train_stratified_and_seeded(tiny_shapes, tmp_path):

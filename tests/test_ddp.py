@@ -3,6 +3,7 @@ between the processes, and syncs the metrics: its val/acc is what one process me
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -18,14 +19,69 @@ from project.models import ImageClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# scripts/train.py, with each process saving the images it is handed (un-normalized back to uint8) per stage,
+# rank and batch; "ddp" starts the second process by running this same file again
+RECORDING_TRAIN = """
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, {root!r})
+from project.models import ImageClassifier
+
+OUT = Path(os.environ["SEEN_DIR"])
+
+
+def save(self, stage, batch, batch_idx):
+    mean = torch.tensor(self.hparams.mean).view(1, -1, 1, 1)
+    std = torch.tensor(self.hparams.std).view(1, -1, 1, 1)
+    images = (batch[0].detach().float().cpu() * std + mean).mul(255).round().to(torch.uint8)
+    torch.save(images, OUT / f"{{stage}}-rank{{self.global_rank}}-batch{{batch_idx}}.pt")
+
+
+def on_train_batch_start(self, batch, batch_idx):
+    save(self, "train", batch, batch_idx)
+
+
+def on_validation_batch_start(self, batch, batch_idx, dataloader_idx=0):
+    if not self.trainer.sanity_checking:
+        save(self, "val", batch, batch_idx)
+
+
+ImageClassifier.on_train_batch_start = on_train_batch_start
+ImageClassifier.on_validation_batch_start = on_validation_batch_start
+spec = importlib.util.spec_from_file_location("train_script", {script!r})
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+sys.exit(module.main(sys.argv[1:]))
+"""
+
+
+def image_key(image: torch.Tensor) -> str:
+    """The same key for an image and its mirror image (training flips at random)."""
+    pixels = min(image.contiguous().numpy().tobytes(), image.flip(-1).contiguous().numpy().tobytes())
+    return hashlib.sha256(pixels).hexdigest()[:16]
+
+
+def seen_keys(folder: Path, stage: str, rank: int) -> list[str]:
+    files = sorted(folder.glob(f"{stage}-rank{rank}-batch*.pt"))
+    return [image_key(image) for path in files for image in torch.load(path, weights_only=True)]
+
 
 @pytest.mark.slow
 def test_ddp_on_cpu_trains_validates_and_matches_a_single_process(tmp_path):
     # 32 train images -> 16 per process, 2 batches of 8; 16 val images -> 8 per process, no padding duplicates
     data = generate_shapes(tmp_path / "data", image_size=32, per_class={"train": 4, "val": 2}, progress=False)
+    driver = tmp_path / "recording_train.py"
+    driver.write_text(RECORDING_TRAIN.format(root=str(ROOT), script=str(ROOT / "scripts" / "train.py")))
+    seen = tmp_path / "seen"
+    seen.mkdir()
     command = [
         sys.executable,
-        str(ROOT / "scripts" / "train.py"),
+        str(driver),
         "--devices",
         "2",
         "--strategy",
@@ -42,11 +98,13 @@ def test_ddp_on_cpu_trains_validates_and_matches_a_single_process(tmp_path):
         "1",
         "--num_workers",
         "0",
+        "--rotation",
+        "0",  # images reach the model as stored, up to a flip, so they can be told apart
         "--default_root_dir",
         str(tmp_path),
         "--no-feed_monitor",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SEEN_DIR": str(seen)}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "Starting with 2 processes" in result.stdout + result.stderr
@@ -55,6 +113,18 @@ def test_ddp_on_cpu_trains_validates_and_matches_a_single_process(tmp_path):
     assert not (tmp_path / "lightning_logs" / "version_1").exists()  # one run folder, written by rank 0
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 2  # each process stepped through its half of the 4 batches
+
+    # the processes saw different samples, and together every one of them, in training and in validation
+    reference = ImageDataModule(data, image_size=32, num_workers=0, rotation=0, hflip=False, augment_on="cpu")
+    reference.setup("fit")
+    for stage, dataset, per_rank in (("train", reference.train_set, 16), ("val", reference.val_set, 8)):
+        everything = [image_key(dataset[i][0]) for i in range(len(dataset))]
+        assert len(set(everything)) == len(everything) == 2 * per_rank  # every sample recognizable
+        rank0, rank1 = seen_keys(seen, stage, 0), seen_keys(seen, stage, 1)
+        assert len(rank0) == len(rank1) == per_rank, (stage, len(rank0), len(rank1))
+        shared = set(rank0) & set(rank1)
+        assert not shared, f"{stage}: {len(shared)} of {per_rank} samples went to both processes"
+        assert set(rank0) | set(rank1) == set(everything), f"{stage}: samples no process saw"
 
     events = EventAccumulator(str(next(run.glob("events.out.tfevents.*"))))
     events.Reload()

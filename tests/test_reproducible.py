@@ -23,12 +23,21 @@ def scalars(run: Path, tag: str) -> list[float]:
     return [event.value for event in accumulator.Scalars(tag)]
 
 
+@pytest.fixture
+def deterministic_algorithms_off():
+    """Start with torch's deterministic mode off and put back whatever it was afterwards."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
 @pytest.mark.slow
-def test_seed_and_deterministic_give_bit_identical_runs_with_workers(tmp_path):
+def test_seed_and_deterministic_give_bit_identical_runs_with_workers(tmp_path, deterministic_algorithms_off):
     data = generate_shapes(tmp_path / "data", image_size=32, per_class={"train": 6, "val": 2}, progress=False)
     train = load_script("train")
     runs = []
-    for name in ("a", "b"):
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
         argv = [
             "--data_dir",
             str(data),
@@ -47,18 +56,29 @@ def test_seed_and_deterministic_give_bit_identical_runs_with_workers(tmp_path):
             "--accelerator",
             "cpu",
             "--seed",
-            "7",
+            str(seed),
             "--deterministic",
             "--rotation",
             "30",
             "--no-feed_monitor",
         ]
+        torch.use_deterministic_algorithms(False)
         assert train.main(argv) == 0
+        # --deterministic reached the Trainer, which switched torch to deterministic algorithms
+        assert torch.are_deterministic_algorithms_enabled()
         runs.append(tmp_path / name / "lightning_logs" / "version_0")
-    first, second = (scalars(run, "val/loss") for run in runs)
+    first, second, other = (scalars(run, "val/loss") for run in runs)
     assert len(first) == 2 and first == second  # exact float equality, every epoch
-    weights = [torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for run in runs]
+    checkpoints = [torch.load(run / "checkpoints" / "last.ckpt", weights_only=True) for run in runs]
+    weights = [checkpoint["state_dict"] for checkpoint in checkpoints]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+    # another seed: other initial weights, shuffling and augmentation, so other results
+    assert other != first
+    convolutions = [k for k in weights[0] if k.endswith("weight") and weights[0][k].ndim == 4]
+    assert convolutions and all(not torch.equal(weights[0][k], weights[2][k]) for k in convolutions)
+    # the seed also reaches the DataModule, where it seeds the split of train/ when there is no val/
+    assert [c["datamodule_hyper_parameters"]["seed"] for c in checkpoints] == [7, 7, 8]
 
 
 class KeepBatches(L.Callback):

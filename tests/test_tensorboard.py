@@ -20,13 +20,19 @@ import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from project.callbacks import ModelGraphLogger
-from project.data import generate_shapes
+from project.data import ImageDataModule, generate_shapes
 from project.data.builtin import SHAPES
 from project.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform
 from project.models import ImageClassifier
-from project.views.tensorboard import unnormalize
+from project.views.tensorboard import (
+    ConfusionMatrixLogger,
+    MispredictionLogger,
+    confusion_matrix_figure,
+    unnormalize,
+)
 from tests.conftest import load_script
 
 IMAGE_SIZE, BATCH_SIZE = 32, 8
@@ -241,3 +247,107 @@ def test_model_graph_failure_does_not_stop_the_run(tmp_path: Path) -> None:
     events = EventAccumulator(trainer.loggers[0].log_dir)
     events.Reload()
     assert not events.Tags()["graph"]
+
+
+# ------------------------------------------------- what the validation views show
+PREDICTED = 2  # the class a model with a rigged head always predicts
+
+
+def cell_texts(ax) -> dict[tuple[int, int], str]:
+    """Confusion-matrix cell labels by (row: true class, column: predicted class)."""
+    return {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+
+
+def test_confusion_matrix_figure_shows_the_counts_and_class_names() -> None:
+    matrix = torch.tensor([[5, 1, 0], [2, 7, 3], [0, 0, 4]])
+    names = ["cat", "dog", "eel"]
+    figure = confusion_matrix_figure(MulticlassConfusionMatrix(num_classes=3), matrix, names)
+    (ax,) = [ax for ax in figure.axes if ax.images]
+    assert np.array_equal(np.asarray(ax.images[0].get_array()), matrix.numpy())
+    assert cell_texts(ax) == {(i, j): str(int(matrix[i, j])) for i in range(3) for j in range(3)}
+    assert [t.get_text() for t in ax.get_xticklabels()] == names == [t.get_text() for t in ax.get_yticklabels()]
+    assert ax.get_ylabel() == "True class" and ax.get_xlabel() == "Predicted class"
+
+
+@pytest.fixture(scope="module")
+def one_class_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """trainer.validate of a model that predicts class PREDICTED for every image, with the validation views on.
+
+    16 validation images, 2 per class, in 4 batches. Figures are kept as they are logged.
+    """
+    root = tmp_path_factory.mktemp("views")
+    data = generate_shapes(root / "shapes", image_size=IMAGE_SIZE, per_class={"train": 1, "val": 2}, progress=False)
+    # a normalization of its own, not ImageNet's: the views must undo the one the batches went through
+    stats = {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.3, 0.4)}
+    dm = ImageDataModule(data, image_size=IMAGE_SIZE, batch_size=4, num_workers=0, **stats)
+    names = sorted(p.name for p in (data / "train").iterdir())
+    model = ImageClassifier(num_classes=len(names), class_names=names, image_size=IMAGE_SIZE, **stats)
+    head = model.model.head[-1]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[PREDICTED] = 10.0  # softmax: 99.97% on PREDICTED
+    logger = L.pytorch.loggers.TensorBoardLogger(root, name="logs")
+    figures: dict = {}
+    add_figure = logger.experiment.add_figure
+
+    def keep_figure(tag, figure, *args, **kwargs):
+        figures[tag] = figure
+        return add_figure(tag, figure, *args, **kwargs)
+
+    logger.experiment.add_figure = keep_figure
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[
+            ConfusionMatrixLogger(),
+            MispredictionLogger(max_samples=16),
+            MispredictionLogger(max_samples=5, tag="val/mispredicted_first5"),
+        ],
+    )
+    trainer.validate(model, datamodule=dm, verbose=False)
+    logger.experiment.flush()
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    # the validation images as the model saw them, back in [0, 1], with their labels, in loader order
+    images, labels = zip(*((dm.device_transform(x, augment=False), y) for x, y in dm.val_dataloader()), strict=True)
+    shown = unnormalize(torch.cat(images), stats["mean"], stats["std"])
+    return {"figures": figures, "events": events, "names": names, "images": shown, "labels": torch.cat(labels)}
+
+
+def test_confusion_matrix_of_a_one_class_model_fills_one_column(one_class_run: dict) -> None:
+    names, labels = one_class_run["names"], one_class_run["labels"]
+    n = len(names)
+    assert labels.bincount(minlength=n).tolist() == [2] * n
+    expected = np.zeros((n, n), dtype=np.int64)
+    expected[:, PREDICTED] = 2  # every true class, predicted as PREDICTED
+    (ax,) = [ax for ax in one_class_run["figures"]["val/confusion_matrix"].axes if ax.images]
+    assert np.array_equal(np.asarray(ax.images[0].get_array()), expected)
+    assert cell_texts(ax) == {(i, j): str(expected[i, j]) for i in range(n) for j in range(n)}
+    assert [t.get_text() for t in ax.get_xticklabels()] == names
+
+    events = one_class_run["events"]
+    (image,) = events.Images("val/confusion_matrix")  # the figure reached the event file as an image
+    assert image.width > 200 and image.height > 200
+    for k, name in enumerate(names):  # per-class accuracy: all of PREDICTED's images right, every other class wrong
+        assert events.Scalars(f"val_class_acc/{name}")[-1].value == (1.0 if k == PREDICTED else 0.0), name
+
+
+def misprediction_panels(figure) -> tuple[list[str], list[np.ndarray]]:
+    axes = [ax for ax in figure.axes if ax.images]
+    return [ax.get_title() for ax in axes], [np.asarray(ax.images[0].get_array()) for ax in axes]
+
+
+@pytest.mark.parametrize(("tag", "limit"), [("val/mispredicted", 16), ("val/mispredicted_first5", 5)])
+def test_misprediction_grid_shows_exactly_the_mispredicted_images(one_class_run: dict, tag: str, limit: int) -> None:
+    names, labels, images = one_class_run["names"], one_class_run["labels"], one_class_run["images"]
+    wrong = (labels != PREDICTED).nonzero().flatten()[:limit]
+    assert len(wrong) == min(limit, 14)
+    titles, pixels = misprediction_panels(one_class_run["figures"][tag])
+    assert titles == [f"true: {names[labels[i]]}\npred: {names[PREDICTED]} (100%)" for i in wrong.tolist()]
+    assert len(pixels) == len(wrong)
+    for panel, i in zip(pixels, wrong.tolist(), strict=True):
+        assert np.allclose(panel, images[i].permute(1, 2, 0).numpy(), atol=1e-6)
+    assert len(one_class_run["events"].Images(tag)) == 1
