@@ -40,7 +40,8 @@ def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
 
 def normalization(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Sequence[float], Sequence[float]]:
     """Mean and std the batches were normalized with: the DataModule's, else the model's saved preprocessing."""
-    for source in (trainer.datamodule, pl_module.hparams):
+    datamodule = trainer.datamodule
+    for source in (getattr(datamodule, "hparams", None), pl_module.hparams):
         mean, std = getattr(source, "mean", None), getattr(source, "std", None)
         if mean is not None and std is not None:
             return mean, std
