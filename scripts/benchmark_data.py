@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
 from project.cli import ACCELERATORS, PRECISIONS, Parser, UsageError, positive_int  # noqa: E402
 from project.feed.benchmark import SECTIONS, BenchmarkConfig, run_benchmark  # noqa: E402
-from project.feed.throughput import usable_cpus  # noqa: E402
 from project.runtime.console import configure_console  # noqa: E402
 from project.training import LOGS, check_accelerator, resolve_precision  # noqa: E402
 
@@ -41,88 +41,100 @@ def section_list(text: str) -> list[str]:
 
 
 def benchmark_parser() -> Parser:
-    cpus = usable_cpus()
+    d = BenchmarkConfig()  # the defaults live there, once
     p = Parser(
         prog="benchmark_data.py",
         description="Measure loader, model and end-to-end img/s; say which "
         "side is the bottleneck. Defaults finish in a few minutes on 2 CPU cores.",
     )
     p.add_argument("--accelerator", choices=ACCELERATORS, default="auto", help="cpu, gpu, ... or auto")
-    p.add_argument("--backbone", default="simple_cnn", help="simple_cnn, resnet18, mobilenet_v3_small, ...")
-    p.add_argument("--batch_size", "--batch-size", type=positive_int, default=32, help="images per batch")
-    p.add_argument("--image_size", "--image-size", type=positive_int, default=64, help="training side in pixels")
+    p.add_argument("--backbone", default=d.backbone, help="simple_cnn, resnet18, mobilenet_v3_small, ...")
+    p.add_argument("--batch_size", "--batch-size", type=positive_int, default=d.batch_size, help="images per batch")
+    p.add_argument(
+        "--image_size", "--image-size", type=positive_int, default=d.image_size, help="training side in pixels"
+    )
     p.add_argument(
         "--precision", choices=PRECISIONS, default="auto", help="auto: bf16-mixed on GPUs that support it, else 32-true"
     )
     p.add_argument(
         "--workers",
         type=int_list,
-        default=list(range(cpus + 1)),
-        help="num_workers values to sweep, comma-separated (default: 0 up to the CPU count)",
+        default=d.workers,
+        help="num_workers values to sweep, comma-separated: 0 up to the CPU count unless given",
     )
-    p.add_argument("--batches", type=positive_int, default=20, help="timed batches per loader measurement")
-    p.add_argument("--rotation", type=float, default=15.0, help="random rotation range in degrees")
+    p.add_argument("--batches", type=positive_int, default=d.batches, help="timed batches per loader measurement")
+    p.add_argument("--rotation", type=float, default=d.rotation, help="random rotation range in degrees")
     p.add_argument(
         "--source_size",
         "--source-size",
         type=positive_int,
-        default=300,
+        default=d.source_size,
         help="source JPEG side for the sweep and the training run",
     )
     p.add_argument(
         "--source_sizes",
         "--source-sizes",
         type=int_list,
-        default=[300, 1024],
+        default=d.source_sizes,
         help="source JPEG sides compared per image",
     )
     p.add_argument(
-        "--source_images", "--source-images", type=positive_int, default=16, help="images timed per source size"
+        "--source_images",
+        "--source-images",
+        type=positive_int,
+        default=d.source_images,
+        help="images timed per source size",
     )
     p.add_argument(
-        "--model_steps", "--model-steps", type=positive_int, default=10, help="timed forward + backward steps"
+        "--model_steps",
+        "--model-steps",
+        type=positive_int,
+        default=d.model_steps,
+        help="timed forward + backward steps",
     )
-    p.add_argument("--e2e_steps", "--e2e-steps", type=positive_int, default=30, help="steps of the training run")
+    p.add_argument(
+        "--e2e_steps", "--e2e-steps", type=positive_int, default=d.e2e_steps, help="steps of the training run"
+    )
     p.add_argument(
         "--pipeline_source_size",
         "--pipeline-source-size",
         type=positive_int,
-        default=1024,
+        default=d.pipeline_source_size,
         help="pipelines section: source JPEG side",
     )
     p.add_argument(
         "--pipeline_image_size",
         "--pipeline-image-size",
         type=positive_int,
-        default=224,
+        default=d.pipeline_image_size,
         help="pipelines section: training side",
     )
     p.add_argument(
         "--pipeline_workers",
         "--pipeline-workers",
         type=int,
-        default=2,
+        default=d.pipeline_workers,
         help="pipelines section: num_workers, the same for every pipeline",
     )
     p.add_argument(
         "--pipeline_batches",
         "--pipeline-batches",
         type=positive_int,
-        default=10,
+        default=d.pipeline_batches,
         help="pipelines section: timed batches per pipeline",
     )
     p.add_argument(
         "--pipeline_rounds",
         "--pipeline-rounds",
         type=positive_int,
-        default=1,
+        default=d.pipeline_rounds,
         help="pipelines section: interleaved repeats, best kept (steadier on a busy machine)",
     )
     p.add_argument(
         "--overhead_steps",
         "--overhead-steps",
         type=positive_int,
-        default=20,
+        default=d.overhead_steps,
         help="overhead section: timed training steps per loop",
     )
     p.add_argument(
@@ -137,7 +149,7 @@ def benchmark_parser() -> Parser:
         "--out_dir",
         "--out-dir",
         type=Path,
-        default=Path("benchmark_results"),
+        default=d.out_dir,
         help="benchmark.json, data_feed.png and the generated images go here",
     )
     p.add_argument("--chart", type=Path, default=None, help="PNG path (default: <out_dir>/data_feed.png)")
@@ -148,7 +160,7 @@ def benchmark_parser() -> Parser:
         default=Path("."),
         help="TensorBoard scalars go to <default_root_dir>/lightning_logs/benchmark/version_N",
     )
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress, help="tqdm progress bars")
     return p
 
 
@@ -167,37 +179,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = "cuda" if on_gpu else "cpu"
     if args.accelerator not in ("auto", "cpu", "gpu", "cuda"):
         device = args.accelerator
-    config = BenchmarkConfig(
-        accelerator=device,
-        backbone=args.backbone,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        precision=resolve_precision(args.precision, device),
-        workers=args.workers,
-        batches=args.batches,
-        source_size=args.source_size,
-        source_sizes=args.source_sizes,
-        source_images=args.source_images,
-        rotation=args.rotation,
-        model_steps=args.model_steps,
-        e2e_steps=args.e2e_steps,
-        pipeline_source_size=args.pipeline_source_size,
-        pipeline_image_size=args.pipeline_image_size,
-        pipeline_workers=args.pipeline_workers,
-        pipeline_batches=args.pipeline_batches,
-        pipeline_rounds=args.pipeline_rounds,
-        overhead_steps=args.overhead_steps,
-        data_root=args.out_dir / "data",
-        progress=args.progress,
-    )
+    # every other flag is named after a config field
+    flags = {
+        f.name: getattr(args, f.name) for f in fields(BenchmarkConfig) if f.name not in ("accelerator", "precision")
+    }
+    config = BenchmarkConfig(accelerator=device, precision=resolve_precision(args.precision, device), **flags)
     if args.quick:
-        config.batch_size, config.image_size, config.batches = 8, 32, 3
-        config.workers = [n for n in config.workers if n <= 1] or [0]
-        config.source_size, config.source_sizes, config.source_images = 64, [64, 256], 4
-        config.model_steps, config.e2e_steps = 2, 4
-        config.pipeline_source_size, config.pipeline_image_size, config.pipeline_workers = 128, 32, 1
-        config.pipeline_batches, config.overhead_steps = 2, 2
-    run_benchmark(config, args.sections, args.out_dir, args.default_root_dir / LOGS, chart=args.chart)
+        config = config.quick()
+    run_benchmark(config, args.sections, args.default_root_dir / LOGS, chart=args.chart)
     return 0
 
 

@@ -1,18 +1,26 @@
-"""scripts/benchmark_data.py and project.feed.benchmark: every figure lands in the table, JSON, TensorBoard, chart."""
+"""scripts/benchmark_data.py and project.feed.benchmark: the figures measure what they say, and land in the
+table, JSON, TensorBoard and chart.
+
+Figures are checked against known costs (sleeping datasets and models, whose rates a busy machine can
+only lower) or compared as CPU time, which other load on the machine does not inflate.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import Dataset
 
-from project.feed.benchmark import format_table
-from project.feed.monitor import classify
-from project.feed.throughput import choose_workers
+from project.feed import benchmark
+from project.feed.benchmark import BenchmarkConfig, format_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import benchmark_data  # noqa: E402
@@ -27,7 +35,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_quick_run_writes_consistent_figures(tmp_path, capsys, one_thread):
+def test_quick_run_writes_every_figure_and_ranks_the_work(tmp_path, capsys, one_thread):
     code = benchmark_data.main(
         [
             "--quick",
@@ -53,28 +61,24 @@ def test_quick_run_writes_consistent_figures(tmp_path, capsys, one_thread):
     assert sorted(loader) == [0, 1] and min(loader.values()) > 0
     model = results["model"][0]["model_img_per_s"]
     e2e = results["end_to_end"][0]
-    # the recommendation is the choice rule applied to the measured rates, and the verdict the monitor's reading
-    assert e2e["recommended_num_workers"] == choose_workers(loader, model)
-    verdict = {"data-bound": "loader-bound", "model-bound": "model-bound"}.get(
-        classify(e2e["data_wait_fraction"]), "balanced"
-    )
-    assert e2e["verdict"].startswith(verdict)
-    # training cannot outrun its slower side (2x: timing noise of a few short measurements)
-    assert 0 < e2e["end_to_end_img_per_s"] <= 2 * min(loader[e2e["num_workers"]], model)
+    assert e2e["num_workers"] in loader and 0 <= e2e["data_wait_fraction"] <= 1
+    assert e2e["verdict"].startswith(("data-bound: ", "balanced: ", "model-bound: "))  # the monitor's words
 
-    # rotating a 256 px source costs several times a 64 px one (16x the pixels)
-    alone = {r["source_px"]: r["ms_per_img"] for r in results["sources"] if r["pipeline"].startswith("rotation")}
-    assert alone[256] > 2 * alone[64]
-    for row in results["sources"]:
-        assert row["img_per_s"] == pytest.approx(1000 / row["ms_per_img"], rel=0.02)
+    # CPU time per image, which other load does not inflate: rotating a 256 px image is 16x the pixels
+    # of a 64 px one (measured about 12x), and rotating the 256 px source before resizing costs several
+    # times resizing first (measured about 4x)
+    cpu = {(r["source_px"], r["pipeline"]): r["cpu_ms_per_img"] for r in results["sources"]}
+    assert cpu[256, "rotation alone at 256 px"] > 2 * cpu[64, "rotation alone at 64 px"]
+    assert cpu[256, "rotate at source size"] > 1.5 * cpu[256, "rotate at training size"]
 
-    # the naive pipeline is the yardstick row; every other pipeline is read against it
+    # the naive pipeline decodes, rotates and resizes every 128 px JPEG; the no-work loader only copies
+    # (measured about 5x less CPU per image). The figure counts the workers' CPU time: without it the
+    # naive row would show only the main process's share, about as little as no-work's
     pipelines = {r["pipeline"]: r for r in results["pipelines"]}
-    assert pipelines["naive"]["vs_naive"] == 1.0 and {"fast", "fast_device_aug", "cache"} <= set(pipelines)
-    for row in pipelines.values():
-        assert row["vs_naive"] == pytest.approx(row["images_per_s"] / pipelines["naive"]["images_per_s"], rel=0.02)
+    assert {"naive", "fast", "fast_device_aug", "cache", "no_work"} == set(pipelines)
+    assert pipelines["naive"]["cpu_ms_per_image"] > 2 * pipelines["no_work"]["cpu_ms_per_image"]
     overhead = {r["loop"]: r for r in results["overhead"]}
-    assert overhead["raw PyTorch loop"]["vs_raw"] == 1.0 and len(overhead) == 3
+    assert len(overhead) == 3 and all(r["ms_per_step"] > 0 for r in overhead.values())
     assert [r["variant"] for r in results["model_variants"]] == ["eager", "channels_last", "bf16"]
 
     png = tmp_path / "out" / "data_feed.png"
@@ -87,6 +91,64 @@ def test_quick_run_writes_consistent_figures(tmp_path, capsys, one_thread):
     assert [s.step for s in scalars] == [0, 1]  # num_workers on the x axis
     assert [round(s.value, 1) for s in scalars] == [loader[0], loader[1]]
     assert events.Scalars("feed/model_img_per_s")[0].value == pytest.approx(model)
+
+
+# few, long sleeps: each wake-up on a busy machine may come a few milliseconds late, and many short
+# sleeps would add those up
+ITEM_DELAY = 0.03  # seconds per image
+STEP_DELAY = 0.05  # seconds per forward pass
+
+
+class SleepyImages(Dataset):
+    """Images that take ITEM_DELAY each to load (sleeping: a busy machine cannot make it faster)."""
+
+    def __len__(self) -> int:
+        return 1000
+
+    def __getitem__(self, index: int):
+        time.sleep(ITEM_DELAY)
+        return torch.zeros(3, 8, 8, dtype=torch.uint8), 0
+
+
+class SleepyModel(nn.Module):
+    """A backbone whose forward pass takes STEP_DELAY (sleeping) whatever the batch."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(STEP_DELAY)
+        return self.head(x.mean(dim=(2, 3)))  # (B, 3, H, W) -> (B, num_classes)
+
+
+def test_sections_measure_known_loader_and_model_rates(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setattr(benchmark, "training_set", lambda config, data_dir: SleepyImages())
+    monkeypatch.setattr(benchmark, "source_images", lambda config, size, count: tmp_path)
+    monkeypatch.setattr(benchmark, "build_backbone", lambda name, num_classes: SleepyModel(num_classes))
+    config = BenchmarkConfig(batch_size=2, image_size=8, workers=[0, 2], batches=8, model_steps=6, out_dir=tmp_path)
+
+    rows = {r["num_workers"]: r for r in benchmark.workers_section(config, {})}
+    one = 1 / ITEM_DELAY  # 33 img/s: one process sleeping ITEM_DELAY per image
+    # no workers: never above `one` (sleeps never end early); 0.6x leaves 0.3 s of stalls over 0.48 s
+    assert 0.6 * one <= rows[0]["loader_img_per_s"] <= 1.02 * one
+    assert rows[0]["batch_ms"] == pytest.approx(2000 / rows[0]["loader_img_per_s"], rel=0.01)
+    # two workers sleep side by side: twice the rate (no upper bound: prefetched batches can beat it)
+    assert rows[2]["loader_img_per_s"] >= 0.6 * 2 * one
+
+    model = benchmark.model_section(config, {})[0]["model_img_per_s"]
+    ceiling = config.batch_size / STEP_DELAY  # 40 img/s: one sleeping forward pass per batch
+    # 0.6x leaves 0.2 s of stalls over the 0.3 s of 6 timed steps
+    assert 0.6 * ceiling <= model <= 1.02 * ceiling
+
+
+def test_flags_take_their_defaults_from_the_config():
+    args = benchmark_data.benchmark_parser().parse_args([])
+    defaults = BenchmarkConfig()
+    for field in fields(BenchmarkConfig):
+        if field.name not in ("accelerator", "precision"):  # flags take 'auto', resolved into these
+            assert getattr(args, field.name) == getattr(defaults, field.name), field.name
+    assert args.batch_size == 32  # the training run's default, as the figures in the docs
 
 
 def test_bad_flags_exit_2(capsys):

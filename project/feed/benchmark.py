@@ -14,9 +14,14 @@ Sections:
 - end_to_end: a short real training run at the recommended num_workers, read by `DataFeedMonitor`;
 - pipelines: 1024 px JPEGs to the normalized 224 px float batch `training_step` receives, the classic
   naive pipeline (the yardstick row) against this template's fast path, with on-device augmentation,
-  and with `--cache`, same workers, side by side;
-- overhead: a training step under Lightning's Trainer against a raw PyTorch loop;
-- model_variants: the model-only rate with channels_last, bf16 autocast and torch.compile.
+  and with `--cache`, same workers, side by side (`pipelines_benchmark`);
+- overhead: a training step under Lightning's Trainer against a raw PyTorch loop (`training_step_benchmark`);
+- model_variants: the model-only rate with channels_last, bf16 autocast and torch.compile (the same).
+
+Every measurement uses `project.feed.throughput` (one loader timer with one warm-up rule, one model
+timer, one per-call timer, one endless loader, one worker sweep, one best-of-rounds) and every verdict
+the monitor's words (`project.feed.monitor`). `BenchmarkConfig` holds the only copy of the defaults:
+the script's flags read theirs from it.
 """
 
 from __future__ import annotations
@@ -25,37 +30,49 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
 from project.data.datamodule import ImageDataModule
 from project.data.folder import ImageFolderDataset, load_image
 from project.data.transforms import train_transform
-from project.feed.lightning_overhead import lightning_overhead, model_variants
-from project.feed.monitor import DataFeedMonitor
-from project.feed.pipeline_comparison import compare_pipelines, make_benchmark_images, naive_dataset
-from project.feed.throughput import choose_workers, measure_loader, measure_model, usable_cpus
+from project.feed.monitor import DataFeedMonitor, rate_reading
+from project.feed.pipelines_benchmark import compare_pipelines, make_benchmark_images, naive_dataset
+from project.feed.throughput import (
+    Rate,
+    choose_workers,
+    measure_model,
+    steady_loader,
+    sweep_workers,
+    time_calls,
+    usable_cpus,
+)
+from project.feed.training_step_benchmark import lightning_overhead, model_variants
 from project.models import ImageClassifier, build_backbone
 
 Rows = list[dict[str, Any]]
+# per-image timings run at least this long: a call of a tenth of a millisecond timed a few times would
+# span less than one scheduler time slice, so a single preemption could double it
+MIN_TIMED_SECONDS = 0.1
 
 
 @dataclass
 class BenchmarkConfig:
-    """Everything the sections need; the script's flags map one-to-one onto these fields."""
+    """Everything the sections need, with the benchmark's defaults; the script's flags map one-to-one
+    onto these fields and read their defaults from here."""
 
-    accelerator: str = "cpu"  # "cpu" or "cuda" (resolved from the flags)
+    accelerator: str = "cpu"  # the resolved device type: the script resolves --accelerator auto to it
     backbone: str = "simple_cnn"
-    batch_size: int = 64
+    batch_size: int = 32  # the training run's default, so the figures describe `scripts/train.py`
     image_size: int = 64
-    precision: str = "32-true"
+    precision: str = "32-true"  # resolved, as the accelerator: --precision auto is bf16-mixed on capable GPUs
     workers: list[int] = field(default_factory=lambda: list(range(usable_cpus() + 1)))
     batches: int = 20  # timed batches per loader measurement
     source_size: int = 300  # source JPEG side for the workers sweep and the end-to-end run
@@ -70,8 +87,32 @@ class BenchmarkConfig:
     pipeline_batches: int = 10
     pipeline_rounds: int = 1  # > 1: interleaved repeats, best kept (steadier on a busy machine)
     overhead_steps: int = 20
-    data_root: Path = Path("benchmark_results/data")
+    out_dir: Path = Path("benchmark_results")  # benchmark.json, the chart and (under data/) the generated images
     progress: bool = True
+
+    @property
+    def data_root(self) -> Path:
+        return self.out_dir / "data"
+
+    def quick(self) -> BenchmarkConfig:
+        """A seconds-long smoke run: tiny images, batches and sweep (figures are not meaningful)."""
+        return replace(
+            self,
+            batch_size=8,
+            image_size=32,
+            batches=3,
+            workers=[n for n in self.workers if n <= 1] or [0],
+            source_size=64,
+            source_sizes=[64, 256],
+            source_images=4,
+            model_steps=2,
+            e2e_steps=4,
+            pipeline_source_size=128,
+            pipeline_image_size=32,
+            pipeline_workers=1,
+            pipeline_batches=2,
+            overhead_steps=2,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -86,9 +127,8 @@ def feed_images(config: BenchmarkConfig) -> int:
     return (config.e2e_steps + 2) * config.batch_size + 8
 
 
-def sweep_loader(config: BenchmarkConfig, data_dir: Path, num_workers: int) -> DataLoader:
-    """The template's training pipeline on `data_dir`, sampled with replacement for as many batches
-    as one measurement takes, so no epoch boundary (and no worker restart) falls inside the timing."""
+def training_set(config: BenchmarkConfig, data_dir: Path) -> Dataset:
+    """The template's training dataset on `data_dir`, augmentation in the workers (as on a CPU-only machine)."""
     dm = ImageDataModule(
         data_dir,
         image_size=config.image_size,
@@ -98,47 +138,50 @@ def sweep_loader(config: BenchmarkConfig, data_dir: Path, num_workers: int) -> D
         val_fraction=0.01,
     )
     dm.setup("fit")
-    batches = config.batches + 1 + 2 * num_workers  # timed + warm-up (see measure_loader)
-    sampler = RandomSampler(
-        dm.train_set,
-        replacement=True,
-        num_samples=batches * config.batch_size,
-        generator=torch.Generator().manual_seed(0),
-    )
-    return DataLoader(dm.train_set, batch_size=config.batch_size, sampler=sampler, num_workers=num_workers)
+    return dm.train_set
 
 
 # ------------------------------------------------------------------------------------------ sections
 def workers_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows:
-    """Loader-only img/s for each num_workers, nothing consuming the batches."""
-    data_dir = source_images(config, config.source_size, feed_images(config))
-    rows = []
-    for n in sorted(config.workers):
-        loader = sweep_loader(config, data_dir, n)
-        rate = measure_loader(
-            loader, batches=config.batches, progress=f"loader, num_workers={n}" if config.progress else False
-        )
-        del loader
-        rows.append(
-            {
-                "num_workers": n,
-                "loader_img_per_s": round(rate.per_s, 1),
-                "batch_ms": round(1000 * config.batch_size / rate.per_s, 1),
-            }
-        )
-    return rows
+    """Loader-only img/s for each num_workers, nothing consuming the batches (every count, no early stop)."""
+    dataset = training_set(config, source_images(config, config.source_size, feed_images(config)))
+    rates = sweep_workers(
+        lambda n: steady_loader(dataset, config.batch_size, n),
+        config.workers,
+        batches=config.batches,
+        max_seconds=None,
+        progress="loader, " if config.progress else False,
+    )
+    return [
+        {
+            "num_workers": n,
+            "loader_img_per_s": round(rate, 1),
+            "batch_ms": round(1000 * config.batch_size / rate, 1),
+        }
+        for n, rate in rates.items()
+    ]
 
 
 def sources_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows:
     """Per-image cost (one process) of each source size, without rotation and with it at both sizes."""
     rows = []
     rotate = v2.RandomRotation(config.rotation, interpolation=v2.InterpolationMode.BILINEAR)
+
+    def row(size: int, name: str, degrees: float, rate: Rate) -> dict[str, Any]:
+        return {
+            "source_px": size,
+            "pipeline": name,
+            "rotation": degrees,
+            "ms_per_img": round(rate.ms_per_sample, 3),
+            "img_per_s": round(rate.per_s, 1),
+            "cpu_ms_per_img": round(rate.cpu_ms_per_sample, 3),  # steadier than wall time on a busy machine
+        }
+
     for size in config.source_sizes:
         data_dir = source_images(config, size, config.source_images)
-        folder = data_dir / "train"
-        template = ImageFolderDataset(folder, decode_min_size=config.image_size)
-        paths = [template.samples[i][0] for i in range(min(config.source_images, len(template)))]
-        decoded = [load_image(p) for p in paths]
+        template = ImageFolderDataset(data_dir / "train", decode_min_size=config.image_size)
+        count = min(config.source_images, len(template))
+        decoded = [load_image(template.samples[i][0]) for i in range(count)]
         pipelines: list[tuple[str, float, Callable[[int], Any]]] = [
             ("no rotation", 0.0, template.__getitem__),
             (
@@ -150,26 +193,9 @@ def sources_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows:
         ]
         for name, degrees, get in pipelines:
             template.transform = train_transform(config.image_size, degrees, hflip=False)
-            ms = _ms_per_item(get, len(paths))
-            rows.append(
-                {
-                    "source_px": size,
-                    "pipeline": name,
-                    "rotation": degrees,
-                    "ms_per_img": round(ms, 3),
-                    "img_per_s": round(1000 / ms, 1),
-                }
-            )
-        rotate_ms = _ms_per_item(lambda i, images=decoded: rotate(images[i]), len(decoded))
-        rows.append(
-            {
-                "source_px": size,
-                "pipeline": f"rotation alone at {size} px",
-                "rotation": config.rotation,
-                "ms_per_img": round(rotate_ms, 3),
-                "img_per_s": round(1000 / rotate_ms, 1),
-            }
-        )
+            rows.append(row(size, name, degrees, time_calls(get, count, MIN_TIMED_SECONDS)))
+        rate = time_calls(lambda i, images=decoded: rotate(images[i]), count, MIN_TIMED_SECONDS)
+        rows.append(row(size, f"rotation alone at {size} px", config.rotation, rate))
     return rows
 
 
@@ -234,13 +260,6 @@ def end_to_end_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Row
     )
     trainer.fit(ImageClassifier(config.backbone, num_classes=8, image_size=config.image_size), datamodule=dm)
     summary = monitor.summary
-    ratio = loader_rates[chosen] / model_rate
-    if summary.verdict == "data-bound":
-        reading = f"loader-bound: the loader delivers {ratio:.2f}x what the model could take"
-    elif summary.verdict == "model-bound":
-        reading = f"model-bound: the loader could deliver {ratio:.2f}x what the model takes"
-    else:
-        reading = f"balanced: the loader delivers {ratio:.2f}x the model's rate"
     return [
         {
             "num_workers": chosen,
@@ -248,7 +267,7 @@ def end_to_end_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Row
             "loader_img_per_s": loader_rates[chosen],
             "model_img_per_s": model_rate,
             "data_wait_fraction": round(summary.wait_fraction, 3),
-            "verdict": reading,
+            "verdict": rate_reading(summary.verdict, loader_rates[chosen], model_rate),
             "recommended_num_workers": chosen,
             "advice": summary.advice,
         }
@@ -318,14 +337,6 @@ SECTIONS: dict[str, Callable[[BenchmarkConfig, dict[str, Rows]], Rows]] = {
     "overhead": overhead_section,
     "model_variants": model_variants_section,
 }
-
-
-def _ms_per_item(fn: Callable[[int], Any], count: int) -> float:
-    fn(0)  # the first call pays for lazy imports and allocations
-    start = time.perf_counter()
-    for i in range(count):
-        fn(i)
-    return 1000 * (time.perf_counter() - start) / count
 
 
 # ------------------------------------------------------------------------------------------- outputs
@@ -417,12 +428,13 @@ def write_chart(results: dict[str, Rows], path: Path, title: str = "") -> Path:
 def run_benchmark(
     config: BenchmarkConfig,
     sections: list[str],
-    out_dir: Path,
     logs_dir: Path,
     chart: Path | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Rows]:
-    """Run `sections` in order, print a table per section, write JSON, TensorBoard scalars and the chart."""
+    """Run `sections` in order, print a table per section, write JSON (to `config.out_dir`), TensorBoard
+    scalars (under `logs_dir`) and the chart (default: `config.out_dir/data_feed.png`)."""
+    out_dir = config.out_dir
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")

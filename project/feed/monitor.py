@@ -15,6 +15,8 @@ synchronisation and no `.item()` per step, so its own cost stays far below 1% of
 It logs `feed/data_wait_fraction`, `feed/data_wait_ms`, `feed/step_ms` and `feed/samples_per_s`
 every `log_every_n_steps`, shows the wait share as `data_wait` in the progress bar, and at the end of
 fit prints one line starting with `data feed:` with the verdict and the one change most likely to help.
+The verdict's words (`classify`, and `rate_reading` for loader-only against model-only rates) are the
+ones the benchmark reports too.
 """
 
 from __future__ import annotations
@@ -76,6 +78,16 @@ def classify(wait_fraction: float) -> str:
     if wait_fraction < MODEL_BOUND:
         return "model-bound"
     return "balanced"
+
+
+def rate_reading(verdict: str, loader_per_s: float, model_per_s: float) -> str:
+    """The verdict with "by how much": the loader-only rate against the model-only rate."""
+    ratio = loader_per_s / model_per_s
+    if verdict == "data-bound":
+        return f"data-bound: the loader delivers {ratio:.2f}x what the model could take"
+    if verdict == "model-bound":
+        return f"model-bound: the loader could deliver {ratio:.2f}x what the model takes"
+    return f"balanced: the loader delivers {ratio:.2f}x the model's rate"
 
 
 def workers_needed(num_workers: int, wait_s: float, step_s: float) -> int:
@@ -232,7 +244,8 @@ class DataFeedMonitor(Callback):
             steps, samples, wait_s, step_s = self._window
         datamodule = trainer.datamodule
         loader = trainer.train_dataloader
-        num_workers = getattr(loader, "num_workers", getattr(datamodule, "num_workers", None))
+        settings = getattr(datamodule, "hparams", {})
+        num_workers = getattr(loader, "num_workers", settings.get("num_workers"))
         augment_on = None
         if datamodule is not None and hasattr(datamodule, "resolved_augment_on"):
             augment_on = datamodule.resolved_augment_on()
@@ -246,7 +259,7 @@ class DataFeedMonitor(Callback):
             max_workers=worker_budget(max(1, trainer.num_devices)),
             on_accelerator=trainer.strategy.root_device.type != "cpu",
             augment_on=augment_on,
-            cached=bool(getattr(datamodule, "cache", False)),
+            cached=bool(settings.get("cache", False)),
         )
         self.summary = FeedSummary(steps, samples, wait_s, step_s, verdict, advice)
         if self.verbose and trainer.is_global_zero:

@@ -1,10 +1,12 @@
-"""What Lightning itself costs per training step, and what the model-side options buy.
+"""The training-step benchmark: what Lightning itself costs per step, and what the model-side options buy.
 
 `lightning_overhead` times training steps of `ImageClassifier` under the `Trainer` against a raw
 PyTorch loop (forward, loss, backward, optimizer step) on the same backbone, the same optimizer and
-the same in-memory batches, in steady state. `model_variants` times that raw step with
-channels_last, `torch.compile` and bf16 autocast, so a verdict of "the model is the bottleneck" has
-somewhere to point. Both return rows of figures (lists of flat dicts) for the benchmark.
+the same in-memory batches, in steady state, each a `throughput.Rate` (images, wall and CPU
+seconds), repeated with `throughput.best_of`. `model_variants` gives the model-only rate (the model
+section's `throughput.measure_model`) with channels_last, `torch.compile` and bf16 autocast, so a
+verdict of "the model is the bottleneck" has somewhere to point. Both return rows of figures (lists
+of flat dicts) for the benchmark.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from project.feed.throughput import autocast_for, synchronize
+from project.feed.throughput import Rate, autocast_for, best_of, measure_model, synchronize
 from project.models.backbones import build_backbone
 from project.models.classifier import ImageClassifier, decay_groups
 
@@ -52,7 +54,7 @@ class _Cycle:
         return (self.batches[i % len(self.batches)] for i in range(self.steps))
 
 
-def raw_step_seconds(
+def raw_step_rate(
     model: nn.Module,
     batches: list,
     steps: int = 30,
@@ -60,9 +62,10 @@ def raw_step_seconds(
     precision: str = "32-true",
     lr: float = 2e-3,
     weight_decay: float = 0.05,
-) -> dict[str, float]:
-    """`{"wall", "cpu"}` seconds per step of the plain PyTorch loop: forward, cross-entropy, backward, AdamW
-    step. `cpu` is this process's CPU time, which other load on a shared machine does not inflate."""
+) -> Rate:
+    """Images per second of the plain PyTorch loop: forward, cross-entropy, backward, AdamW step.
+
+    Its CPU seconds are this process's, which other load on a shared machine does not inflate."""
     device = batches[0][0].device
     model.to(device).train()
     optimizer = torch.optim.AdamW(decay_groups(model.parameters(), weight_decay), lr=lr)
@@ -79,7 +82,7 @@ def raw_step_seconds(
         loss.backward()
         optimizer.step()
     synchronize(device)
-    return {"wall": (time.perf_counter() - start) / steps, "cpu": (time.process_time() - cpu_start) / steps}
+    return Rate(steps * len(batches[0][0]), time.perf_counter() - start, time.process_time() - cpu_start)
 
 
 class _StepTimer(L.Callback):
@@ -100,16 +103,15 @@ class _StepTimer(L.Callback):
                 self.end, self.steps = now, self.steps + 1
 
 
-def trainer_step_seconds(
+def trainer_step_rate(
     module: ImageClassifier,
     batches: list,
     steps: int = 30,
     warmup: int = 5,
     precision: str = "32-true",
     logged: bool = True,
-) -> dict[str, float]:
-    """`{"wall", "cpu"}` seconds per training step of `module` under `L.Trainer`, fed the same in-memory
-    batches.
+) -> Rate:
+    """Images per second of training steps of `module` under `L.Trainer`, fed the same in-memory batches.
 
     `logged`: with a TensorBoard logger (written to a temporary folder) and the progress bar, as
     `scripts/train.py` runs; without: both off, Lightning's loop alone.
@@ -134,8 +136,7 @@ def trainer_step_seconds(
             default_root_dir=root,
         )
         trainer.fit(module, train_dataloaders=_Cycle(batches, warmup + steps))
-    steps_timed = max(1, timer.steps)
-    return {"wall": (timer.end[0] - timer.start[0]) / steps_timed, "cpu": (timer.end[1] - timer.start[1]) / steps_timed}
+    return Rate(timer.steps * len(batches[0][0]), timer.end[0] - timer.start[0], timer.end[1] - timer.start[1])
 
 
 def lightning_overhead(
@@ -160,41 +161,32 @@ def lightning_overhead(
     torch.manual_seed(0)
     batches = make_batches(4, batch_size, image_size, num_classes, device)
     module = ImageClassifier(backbone=backbone, num_classes=num_classes, image_size=image_size)
+    hparams = module.hparams
     loops = {
-        "raw PyTorch loop": lambda: raw_step_seconds(
-            copy.deepcopy(module.model),
-            batches,
-            steps,
-            warmup,
-            precision,
-            module.hparams.lr,
-            module.hparams.weight_decay,
+        "raw PyTorch loop": lambda: raw_step_rate(
+            copy.deepcopy(module.model), batches, steps, warmup, precision, hparams.lr, hparams.weight_decay
         ),
-        "Lightning Trainer, no logger or progress bar": lambda: trainer_step_seconds(
+        "Lightning Trainer, no logger or progress bar": lambda: trainer_step_rate(
             copy.deepcopy(module), batches, steps, warmup, precision, logged=False
         ),
-        "Lightning Trainer, TensorBoard logger + progress bar": lambda: trainer_step_seconds(
+        "Lightning Trainer, TensorBoard logger + progress bar": lambda: trainer_step_rate(
             copy.deepcopy(module), batches, steps, warmup, precision, logged=True
         ),
     }
-    best = {name: {"wall": float("inf"), "cpu": float("inf")} for name in loops}
-    for _ in range(rounds):
-        for name, run in loops.items():
-            figures = run()
-            best[name] = {k: min(best[name][k], figures[k]) for k in best[name]}
+    best = best_of(rounds, loops)
     raw = best["raw PyTorch loop"]
     return [
         {
             "loop": name,
             "backbone": backbone,
             "device": device,
-            "ms_per_step": round(s["wall"] * 1e3, 2),
-            "images_per_s": round(batch_size / s["wall"], 1),
-            "vs_raw": round(s["wall"] / raw["wall"], 3),
-            "cpu_ms_per_step": round(s["cpu"] * 1e3, 2),
-            "cpu_vs_raw": round(s["cpu"] / raw["cpu"], 3),
+            "ms_per_step": round(rate.ms_per_sample * batch_size, 2),
+            "images_per_s": round(rate.per_s, 1),
+            "vs_raw": round(raw.per_s / rate.per_s, 3),
+            "cpu_ms_per_step": round(rate.cpu_ms_per_sample * batch_size, 2),
+            "cpu_vs_raw": round(rate.cpu_ms_per_sample / raw.cpu_ms_per_sample, 3),
         }
-        for name, s in best.items()
+        for name, rate in best.items()
     ]
 
 
@@ -208,29 +200,28 @@ def model_variants(
     warmup: int = 3,
     include: Iterable[str] = ("eager", "channels_last", "bf16", "compile"),
 ) -> list[dict[str, Any]]:
-    """Model-only training rate (raw step on ready batches) for the model-side options.
+    """Model-only rate (forward + backward on a ready batch, `throughput.measure_model`, the model
+    section's timer) for each model-side option.
 
     Rows: `{"variant", "images_per_s", "vs_eager"}`. `compile` includes no compile time (the warm-up
     steps pay it); `bf16` is autocast to bfloat16 (Lightning's "bf16-mixed").
     """
-    include = list(include)
-    batches = make_batches(2, batch_size, image_size, num_classes, device)
     rows = []
     for variant in include:
         torch.manual_seed(0)
-        model = build_backbone(backbone, num_classes)
-        run_batches, precision = batches, "32-true"
-        if variant == "channels_last":
-            model.to(memory_format=torch.channels_last)
-            run_batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
-        elif variant == "compile":
-            model.compile()
-        elif variant == "bf16":
-            precision = "bf16-mixed"
-        seconds = raw_step_seconds(model, run_batches, steps, warmup, precision)["wall"]
-        rows.append(
-            {"variant": variant, "backbone": backbone, "device": device, "images_per_s": round(batch_size / seconds, 1)}
+        rate = measure_model(
+            build_backbone(backbone, num_classes),
+            batch_size,
+            image_size,
+            device,
+            precision="bf16-mixed" if variant == "bf16" else "32-true",
+            steps=steps,
+            warmup=warmup,
+            num_classes=num_classes,
+            channels_last=variant == "channels_last",
+            compile=variant == "compile",
         )
+        rows.append({"variant": variant, "backbone": backbone, "device": device, "images_per_s": round(rate.per_s, 1)})
     eager = next((r["images_per_s"] for r in rows if r["variant"] == "eager"), None)
     for row in rows:
         row["vs_eager"] = round(row["images_per_s"] / eager, 2) if eager else None
