@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from project.cli import Parser  # noqa: E402
+from project.cli import Parser, UsageError  # noqa: E402
 from project.tools.export import export  # noqa: E402
 
 
@@ -30,10 +30,11 @@ def parser() -> Parser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if not args.checkpoint.is_file():
-        print(f"export.py: error: --checkpoint: no such file {str(args.checkpoint)!r}", file=sys.stderr)
+    try:
+        result = export(args.checkpoint, args.output)
+    except UsageError as error:
+        print(f"export.py: error: {error}", file=sys.stderr)
         return 2
-    result = export(args.checkpoint, args.output)
     for kind, path in result["paths"].items():
         print(f"{kind:<10} {path}")
     return 0

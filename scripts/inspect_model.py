@@ -14,8 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 import argparse  # noqa: E402
 
-from project.cli import Parser, positive_int  # noqa: E402
-from project.models import ImageClassifier, build_backbone  # noqa: E402
+from project.cli import Parser, UsageError, positive_int  # noqa: E402
+from project.models import build_backbone  # noqa: E402
+from project.runtime.checkpoints import load_classifier  # noqa: E402
 from project.tools.finetune import freeze_feature_extractor  # noqa: E402
 from project.tools.inspection import format_report, inspect_model  # noqa: E402
 
@@ -53,9 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.checkpoint is not None:
-            if not args.checkpoint.is_file():
-                raise ValueError(f"--checkpoint: no such file {str(args.checkpoint)!r}")
-            classifier = ImageClassifier.load_from_checkpoint(args.checkpoint, map_location="cpu")
+            classifier = load_classifier(args.checkpoint)
             model = classifier.model
             hp = classifier.hparams
             num_classes, image_size = hp.num_classes, hp.image_size
@@ -69,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.freeze_backbone:
             freeze_feature_extractor(model)
         report = inspect_model(model, image_size, num_classes)
-    except (ValueError, RuntimeError) as error:
+    except (UsageError, ValueError, RuntimeError) as error:
         print(f"inspect_model.py: error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
     print(format_report(report, full=args.full))

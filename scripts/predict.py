@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from project.cli import ACCELERATORS, Parser, non_negative_int, positive_int  # noqa: E402
+from project.cli import ACCELERATORS, Parser, UsageError, non_negative_int, positive_int  # noqa: E402
 from project.tools.predict import predict  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_workers=args.num_workers,
             top_k=args.top_k,
         )
-    except FileNotFoundError as error:
+    except (UsageError, FileNotFoundError) as error:
         print(f"predict.py: error: {error}", file=sys.stderr)
         return 2
     skipped = len(result["unreadable"])

@@ -1,38 +1,48 @@
-"""Checkpoints that survive interruptions: atomic writes, `--ckpt_path last`, and a fallback for truncated files.
+"""Checkpoints: atomic writes, `last.ckpt` after every epoch, `--ckpt_path last`, and loading them as data only.
 
 A checkpoint is written to a hidden temporary file in its own folder, flushed to disk and renamed over
 the target, so a job killed mid-write leaves the previous file intact, never a half-written one.
 (Lightning's own writer stages the file in the system temp folder and moves it, which is a copy, not
 a rename, when that folder is on another file system.)
+
+A checkpoint is data, never code: every file is read with torch's weights-only unpickler, which builds
+tensors, numbers, strings, lists and dicts and refuses anything that would import or call code. It reads
+torch's legacy (non-zip) format as well as the zip format. Files it refuses, files that are not
+checkpoints and checkpoints of other models end with one line naming the file and the reason.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 import uuid
 import warnings
 import zipfile
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from project.cli import UsageError
+from project.models import ImageClassifier
 
 LOGS = "lightning_logs"
 INTERRUPTED = "interrupted.ckpt"  # written when a run is stopped by SIGTERM / SIGINT (see InterruptCheckpoint)
+HPARAMS = ("backbone", "num_classes")  # what marks a checkpoint as an ImageClassifier's
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """`torch.save` into a temporary file beside the target, fsync, then `os.replace` onto it."""
+    """`torch.save` into a temporary file beside the target, fsync, then `os.replace` onto it; loads as data only."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own writer
             super().save_checkpoint(checkpoint, path, storage_options)
             return
@@ -51,31 +61,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.unlink(tmp)
             raise
 
+    def load_checkpoint(
+        self,
+        path: str | os.PathLike,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        # every load the Trainer makes (fit/test with ckpt_path) comes here: data only, whatever the caller
+        # asked for, since Lightning leaves the choice to torch's default, which an environment variable flips
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
 
 class RollingLastModelCheckpoint(ModelCheckpoint):
-    """`ModelCheckpoint` whose `last.ckpt` is rewritten at every save point, not only alongside a new best.
+    """`ModelCheckpoint` that also rewrites `last.ckpt` at the end of every training epoch.
 
     Since Lightning 2.6, `save_last=True` rewrites `last.ckpt` only when a best-of checkpoint is written
     the same step, so after an epoch that did not improve the monitored metric it would hold an older
-    epoch and a resume would repeat work. This saves it at the same points where the parent class saves.
+    epoch and a resume would repeat work. Leave `save_last` unset: this class owns `last.ckpt`. Lightning
+    2.x runs the epoch's validation before `on_train_epoch_end`, so the file holds the finished epoch, the
+    same state `ModelCheckpoint(save_on_train_epoch_end=True)` saves.
     """
-
-    def _refresh_last(self, trainer: L.Trainer, at_train_epoch_end: bool) -> None:
-        # skipped when the parent already saved at this step (then it wrote last.ckpt too)
-        if (
-            self.save_last
-            and at_train_epoch_end == self._should_save_on_train_epoch_end(trainer)
-            and not self._should_skip_saving_checkpoint(trainer)
-        ):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        self._refresh_last(trainer, at_train_epoch_end=True)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        self._refresh_last(trainer, at_train_epoch_end=False)
+        if trainer.fast_dev_run:  # as ModelCheckpoint: a smoke run writes no checkpoints
+            return
+        # set before saving, as ModelCheckpoint does: the path is part of the callback state in the file
+        self.last_model_path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+        trainer.save_checkpoint(self.last_model_path, weights_only=self.save_weights_only)
 
 
 def model_checkpoint() -> ModelCheckpoint:
@@ -83,27 +96,72 @@ def model_checkpoint() -> ModelCheckpoint:
     return RollingLastModelCheckpoint(
         monitor="val/acc",
         mode="max",
-        save_last=True,
         filename="best-epoch{epoch:02d}-val_acc{val/acc:.4f}",
         auto_insert_metric_name=False,
     )
 
 
-def is_loadable(path: str | os.PathLike) -> bool:
-    """Whether `path` is a complete checkpoint: for torch's zip format, every member's CRC checks out.
+def _unreadable(error: Exception, path: str) -> str:
+    """Why torch's weights-only loader refused `path`, in a few words."""
+    text = str(error)
+    code = re.search(r"GLOBAL (\S+)", text)
+    if code:
+        return (
+            f"is refused: loading it would import {code.group(1)}, and checkpoints are read as data only "
+            "(tensors, numbers, strings, lists, dicts)"
+        )
+    if "legacy .tar format" in text:
+        return (
+            "is in torch's old .tar format, which cannot be read as data only; if you trust the file, convert it "
+            f'once: python -c "import torch; torch.save(torch.load({path!r}, weights_only=False), {path + ".zip"!r})"'
+        )
+    return f"is truncated, corrupt or not a checkpoint (reading it raised {type(error).__name__})"
 
-    A truncated file loses the zip directory at its end, so this catches interrupted copies and writes
-    without unpickling anything.
+
+def load_checkpoint_safely(path: str | os.PathLike, flag: str = "--checkpoint") -> dict[str, Any]:
+    """Read an `ImageClassifier` checkpoint as data only (torch's weights-only loader, on the CPU).
+
+    Raises `UsageError` with one line naming `flag`, the file and the reason: no such file; a file the
+    loader refuses (it would run code) or cannot read (truncated, corrupt, not a checkpoint); a
+    plain state_dict or another model's checkpoint (no `hyper_parameters` with backbone and num_classes).
     """
-    path = Path(path)
+    name = repr(str(path))
+    if not Path(path).is_file():
+        raise UsageError(f"{flag}: no such checkpoint file {name}")
     try:
+        # torch reads a zip without checking its CRCs: a file damaged in a copy would load with wrong weights
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
-                return archive.testzip() is None
-        torch.load(path, map_location="cpu", weights_only=False)  # the legacy non-zip format
-        return True
-    except Exception:
-        return False
+                if archive.testzip() is not None:
+                    raise zipfile.BadZipFile("a CRC does not match")
+        with warnings.catch_warnings():  # its notes on odd pickles would break the one-line error
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UsageError(f"{flag}: {name} {_unreadable(error, str(path))}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        plain = isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values())
+        what = "a plain state_dict" if plain else f"a {type(checkpoint).__name__}"
+        raise UsageError(f"{flag}: {name} holds {what}, not a checkpoint written by train.py")
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(hparams, dict) or not all(key in hparams for key in HPARAMS):
+        raise UsageError(
+            f"{flag}: {name} is a checkpoint of another model: its hyper_parameters lack "
+            f"{' and '.join(HPARAMS)}, which train.py's checkpoints carry"
+        )
+    return checkpoint
+
+
+def load_classifier(path: str | os.PathLike, flag: str = "--checkpoint") -> ImageClassifier:
+    """The `ImageClassifier` in checkpoint `path`, on the CPU, after `load_checkpoint_safely` accepted the file."""
+    load_checkpoint_safely(path, flag)
+    try:
+        return ImageClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except (TypeError, ValueError, KeyError, RuntimeError) as error:  # hyperparameters or weights that do not fit
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise UsageError(
+            f"{flag}: {str(path)!r} does not fit ImageClassifier ({type(error).__name__}: {first})"
+        ) from None
 
 
 def run_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -127,18 +185,16 @@ def run_checkpoints(root: str | os.PathLike) -> list[Path]:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, root: str | os.PathLike) -> str | None:
-    """The checkpoint `--ckpt_path` names: a file, or `last` (see `run_checkpoints`).
+    """The checkpoint `--ckpt_path` names, after `load_checkpoint_safely` accepted it: a file, or `last`.
 
-    `last` with no checkpoint at all is an error rather than a silent fresh start. A newest checkpoint
-    that is truncated or unreadable is skipped for the next loadable one, with a warning naming both.
+    `last` (see `run_checkpoints`) with no checkpoint at all is an error rather than a silent fresh start;
+    a newer checkpoint that cannot be loaded safely is skipped for the next one, with a line on stderr
+    naming it and the reason.
     """
     if ckpt_path is None:
         return None
     if ckpt_path != "last":
-        if not Path(ckpt_path).is_file():
-            raise UsageError(f"--ckpt_path: no such checkpoint {ckpt_path!r} (a .ckpt file, or 'last')")
-        if not is_loadable(ckpt_path):
-            raise UsageError(f"--ckpt_path: {ckpt_path!r} is truncated or not a checkpoint")
+        load_checkpoint_safely(ckpt_path, "--ckpt_path")
         return str(ckpt_path)
 
     candidates = run_checkpoints(root)
@@ -147,17 +203,17 @@ def resolve_ckpt_path(ckpt_path: str | None, root: str | os.PathLike) -> str | N
             f"--ckpt_path last: no checkpoint under {str(Path(root, LOGS))!r}; "
             "run without --ckpt_path to start fresh, or pass --default_root_dir of the earlier run"
         )
+    skipped: list[str] = []
     for candidate in candidates:
-        if is_loadable(candidate):
-            if candidate != candidates[0]:
-                warnings.warn(
-                    f"--ckpt_path last: {str(candidates[0])!r} is truncated or unreadable; "
-                    f"resuming from {str(candidate)!r} instead",
-                    UserWarning,
-                    stacklevel=2,
-                )
-            return str(candidate)
+        try:
+            load_checkpoint_safely(candidate, "--ckpt_path last")
+        except UsageError as error:
+            skipped.append(str(error))
+            continue
+        for reason in skipped:
+            print(f"{reason}; skipped it for {str(candidate)!r}", file=sys.stderr)
+        return str(candidate)
     raise UsageError(
-        f"--ckpt_path last: none of the {len(candidates)} checkpoints under "
-        f"{str(Path(root, LOGS))!r} is loadable (all truncated or corrupt)"
+        f"--ckpt_path last: none of the {len(candidates)} checkpoints under {str(Path(root, LOGS))!r} "
+        f"can be loaded; the newest: {skipped[0].removeprefix('--ckpt_path last: ')}"
     )

@@ -6,6 +6,7 @@ leaves a checkpoint that `--ckpt_path last` resumes from.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -224,32 +225,90 @@ class BadImageMonitor(Callback):
         self._check(trainer, count)
 
 
+# what every dead DataLoader worker ends the run with, whichever way its death surfaced
+WORKER_DIED = (
+    "a DataLoader worker process died ({}); lower --num_workers (or --batch_size), or enlarge /dev/shm "
+    "(docker: --shm-size=8g; or mount a bigger tmpfs)"
+)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """`error`, then the exceptions it was raised from or while handling, each once."""
+    chain: list[BaseException] = []
+    while error is not None and all(error is not seen for seen in chain):
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _worker_died(error: BaseException) -> bool:
+    # PyTorch's own reports ("... is killed by signal: ...", "... exited unexpectedly"); not "Caught X in
+    # DataLoader worker process N", which is the worker's dataset raising, with the worker alive
+    if "DataLoader worker (pid" in str(error):
+        return True
+    # a worker killed while a batch was on its way breaks the connection its shared memory is handed over by
+    frames = (frame.f_code.co_filename for frame, _ in traceback.walk_tb(error.__traceback__))
+    return isinstance(error, (ConnectionError, EOFError)) and any("multiprocessing" in name for name in frames)
+
+
 def explain_failure(error: BaseException) -> str | None:
-    """One line saying what went wrong and what to do, for the failures a user can fix; None otherwise."""
-    if isinstance(error, BadImageError):
-        return error.summary
-    if isinstance(error, TrainingStopped):
-        return str(error)
-    text = str(error)
-    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    # a worker killed while handing over a batch breaks the pipe the batch travels through instead
-    in_loader = any("torch/utils/data/" in frame.filename for frame in traceback.extract_tb(error.__traceback__))
-    if in_loader and isinstance(error, (ConnectionError, EOFError)):
-        first = f"{type(error).__name__} {first}" if text.strip() else first
-        text += " DataLoader worker"
-    if "DataLoader worker" in text or "bus error" in text.lower():
-        shm = "out of shared memory" if ("shared memory" in text or "bus error" in text.lower()) else None
-        what = shm or "killed (often by the out-of-memory killer) or crashed"
+    """One line saying what went wrong and what to do, for the failures a user can fix; None otherwise.
+
+    The exceptions `error` was raised from or while handling count too: a dead worker surfaces as PyTorch's
+    report, as a broken connection, or as one of them raised while the other was handled, depending on timing,
+    and each way ends with the same line.
+    """
+    chain = _chain(error)
+    for cause in chain:
+        if isinstance(cause, BadImageError):
+            return cause.summary
+        if isinstance(cause, TrainingStopped):
+            return str(cause)
+    texts = [str(cause) for cause in chain]
+    died = any(_worker_died(cause) for cause in chain)
+    # a bus error, or a worker's failed allocation (re-raised as "Caught ... in DataLoader worker process N")
+    if (died or any("DataLoader worker" in t for t in texts)) and any(
+        "shared memory" in t or "bus error" in t.lower() for t in texts
+    ):
+        return WORKER_DIED.format("out of shared memory")
+    if died:
+        return WORKER_DIED.format("killed, often by the out-of-memory killer")
+    timeout = next((t for t in texts if "DataLoader timed out" in t), None)
+    if timeout is not None:
         return (
-            f"a DataLoader worker process died ({what}: {first.rstrip('.')}); lower --num_workers "
-            "(or --batch_size), or enlarge /dev/shm (docker: --shm-size=8g; or mount a bigger tmpfs)"
-        )
-    if "DataLoader timed out" in text:
-        return (
-            f"{first.rstrip('.')}: a worker spent longer than --loader_timeout on one batch (slow or hung "
-            "storage, a stuck decoder); raise --loader_timeout, or check the data folder's file system"
+            f"{timeout.strip().splitlines()[0].rstrip('.')}: a worker spent longer than --loader_timeout on one "
+            "batch (slow or hung storage, a stuck decoder); raise --loader_timeout, or check the data folder's "
+            "file system"
         )
     return None
+
+
+@contextmanager
+def _worker_reports_set_aside() -> Iterator[None]:
+    """Set the SIGCHLD handler aside while a failure is handled.
+
+    PyTorch's handler reports a dead DataLoader worker as a RuntimeError raised wherever this process
+    happens to be when the signal comes; after the run has already failed (say the worker's death broke
+    a connection first), that would be in the middle of the handling below.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL) if main else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGCHLD, previous)
+
+
+def _release_loaders(error: BaseException) -> None:
+    """Let the DataLoader iterators the failed run's frames still hold shut their workers down now.
+
+    Until its iterator is gone, PyTorch's SIGCHLD handler keeps reporting a dead worker, at the next exit of
+    any child process, in the middle of whatever runs then.
+    """
+    for cause in _chain(error):
+        traceback.clear_frames(cause.__traceback__)
+    gc.collect()  # the iterators sit in reference cycles
 
 
 @contextmanager
@@ -263,12 +322,16 @@ def clear_failures(trainer: L.Trainer, prog: str = "train.py") -> Iterator[None]
     try:
         yield
     except BaseException as error:
-        if interrupt is not None and interrupt.signal is not None:
-            raise SystemExit(interrupt.exit_code) from None
-        if isinstance(error, SIGTERMException):
-            raise SystemExit(128 + signal.SIGTERM) from None
-        message = explain_failure(error)
-        if message is None:
-            raise
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(1) from None
+        with _worker_reports_set_aside():
+            if interrupt is not None and interrupt.signal is not None:
+                code, message = interrupt.exit_code, None
+            elif isinstance(error, SIGTERMException):
+                code, message = 128 + signal.SIGTERM, None
+            else:
+                code, message = 1, explain_failure(error)
+                if message is None:
+                    raise
+            _release_loaders(error)
+            if message is not None:
+                print(f"{prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(code) from None

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from project.models import ImageClassifier
+from project.runtime.checkpoints import load_classifier
 
 METADATA_FILE = "metadata.json"  # name inside the .pt2 archive's extra files
 
@@ -53,9 +53,10 @@ def export_paths(output: str | os.PathLike) -> dict[str, Path]:
 def export(checkpoint: str | os.PathLike, output: str | os.PathLike) -> dict[str, Any]:
     """Write the exported program, the backbone's state_dict and the metadata for `checkpoint`.
 
-    Returns the written paths and the metadata (backbone, class names, image size, mean, std).
+    Returns the written paths and the metadata (backbone, class names, image size, mean, std). A
+    checkpoint that cannot be loaded safely raises `UsageError` (see `load_checkpoint_safely`).
     """
-    model = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    model = load_classifier(checkpoint).eval()
     hp = model.hparams
     metadata = {
         "backbone": hp.backbone,

@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from project.data import ImageDataModule
 from project.data.files import list_images
 from project.data.folder import IMG_EXTENSIONS, load_image
-from project.models import ImageClassifier
+from project.runtime.checkpoints import load_classifier
 
 
 def csv_header(top_k: int) -> list[str]:
@@ -110,15 +110,14 @@ def predict(
     """Predict every image in `inputs` (files, or folders walked recursively) with `checkpoint` and
     write the CSV `output`. Returns `{"output", "rows", "unreadable"}` (the skipped paths).
 
-    Runs on one device: rows are written by this process, in input order.
+    Runs on one device: rows are written by this process, in input order. A checkpoint that cannot be
+    loaded safely raises `UsageError` (see `load_checkpoint_safely`); missing inputs `FileNotFoundError`.
     """
-    if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"no such checkpoint {str(checkpoint)!r} (a .ckpt file written by training)")
+    model = load_classifier(checkpoint)
     if not list_images(inputs):  # also names a missing input
         raise FileNotFoundError(
             f"no image files in {[str(i) for i in inputs]} (extensions: {', '.join(IMG_EXTENSIONS)})"
         )
-    model = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
     hp = model.hparams
     datamodule = ImageDataModule(
         image_size=hp.image_size,
