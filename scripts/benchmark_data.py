@@ -117,6 +117,13 @@ def benchmark_parser() -> Parser:
         help="pipelines section: num_workers, the same for every pipeline",
     )
     p.add_argument(
+        "--pipeline_rotation",
+        "--pipeline-rotation",
+        type=float,
+        default=d.pipeline_rotation,
+        help="pipelines and stages sections: rotation range in degrees",
+    )
+    p.add_argument(
         "--pipeline_batches",
         "--pipeline-batches",
         type=positive_int,

@@ -56,7 +56,8 @@ def test_quick_run_writes_every_figure_and_ranks_the_work(tmp_path, capsys, one_
         assert word in out
 
     results = json.loads((tmp_path / "out" / "benchmark.json").read_text())["results"]
-    assert set(results) == {"workers", "sources", "model", "end_to_end", "pipelines", "overhead", "model_variants"}
+    sections = {"workers", "sources", "model", "end_to_end", "pipelines", "stages", "overhead", "model_variants"}
+    assert set(results) == sections
     loader = {r["num_workers"]: r["loader_img_per_s"] for r in results["workers"]}
     assert sorted(loader) == [0, 1] and min(loader.values()) > 0
     model = results["model"][0]["model_img_per_s"]
@@ -75,8 +76,14 @@ def test_quick_run_writes_every_figure_and_ranks_the_work(tmp_path, capsys, one_
     # (measured about 5x less CPU per image). The figure counts the workers' CPU time: without it the
     # naive row would show only the main process's share, about as little as no-work's
     pipelines = {r["pipeline"]: r for r in results["pipelines"]}
-    assert {"naive", "fast", "fast_device_aug", "cache", "no_work"} == set(pipelines)
+    assert {"naive", "naive_bilinear", "fast", "fast_device_aug", "cache", "no_work"} == set(pipelines)
     assert pipelines["naive"]["cpu_ms_per_image"] > 2 * pipelines["no_work"]["cpu_ms_per_image"]
+    # per stage, one process, CPU time: the naive side alone resizes, and its full-size rotation, resize and
+    # float conversion come to more than the fast path's whole work (measured about 2x at 128 px)
+    stages = {r["stage"]: r for r in results["stages"]}
+    assert list(stages) == ["read", "decode", "rotate", "resize", "to_tensor", "collate", "copy", "total"]
+    assert stages["resize"]["naive_cpu_ms"] > 0 and stages["resize"]["fast_cpu_ms"] == 0
+    assert stages["total"]["naive_cpu_ms"] > stages["total"]["fast_cpu_ms"]
     overhead = {r["loop"]: r for r in results["overhead"]}
     assert len(overhead) == 3 and all(r["ms_per_step"] > 0 for r in overhead.values())
     assert [r["variant"] for r in results["model_variants"]] == ["eager", "channels_last", "bf16"]

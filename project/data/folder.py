@@ -159,8 +159,9 @@ def load_image(path: str, min_size: int | None = None) -> Image.Image:
     with Image.open(path) as image:
         if min_size and image.format == "JPEG":
             image.draft("RGB", (min_size, min_size))
-        image = ImageOps.exif_transpose(image)  # a copy: safe to use after the file closes
-        return to_rgb(image)
+        image.load()  # pixels in memory: the image outlives the file
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of every image without a rotation
+        return image if image.mode == "RGB" else to_rgb(image)
 
 
 def bad_image_error(path: str, error: BaseException) -> BadImageError:

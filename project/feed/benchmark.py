@@ -15,6 +15,8 @@ Sections:
 - pipelines: 1024 px JPEGs to the normalized 224 px float batch `training_step` receives, the classic
   naive pipeline (the yardstick row) against this template's fast path, with on-device augmentation,
   and with `--cache`, same workers, side by side (`pipelines_benchmark`);
+- stages: the per-image CPU cost of each stage (read, decode, rotate, resize, to-tensor, collate, copy),
+  naive vs fast: where the time goes and what limits each pipeline;
 - overhead: a training step under Lightning's Trainer against a raw PyTorch loop (`training_step_benchmark`);
 - model_variants: the model-only rate with channels_last, bf16 autocast and torch.compile (the same).
 
@@ -44,7 +46,7 @@ from project.data.datamodule import ImageDataModule
 from project.data.folder import ImageFolderDataset, load_image
 from project.data.transforms import train_transform
 from project.feed.monitor import DataFeedMonitor, rate_reading
-from project.feed.pipelines_benchmark import compare_pipelines, make_benchmark_images, naive_dataset
+from project.feed.pipelines_benchmark import compare_pipelines, make_benchmark_images, naive_dataset, stage_costs
 from project.feed.throughput import (
     Rate,
     choose_workers,
@@ -84,6 +86,7 @@ class BenchmarkConfig:
     pipeline_source_size: int = 1024  # the pipelines section: source JPEG side ...
     pipeline_image_size: int = 224  # ... and training side
     pipeline_workers: int = 2
+    pipeline_rotation: float = 30.0  # degrees, as the yardstick's RandomRotation(30)
     pipeline_batches: int = 10
     pipeline_rounds: int = 1  # > 1: interleaved repeats, best kept (steadier on a busy machine)
     overhead_steps: int = 20
@@ -187,7 +190,8 @@ def sources_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows:
             (
                 "rotate at source size",
                 config.rotation,
-                naive_dataset(data_dir, config.image_size, config.rotation).__getitem__,
+                # bilinear as the template's own rotation: the row isolates where the rotation happens
+                naive_dataset(data_dir, config.image_size, config.rotation, bilinear=True).__getitem__,
             ),
             ("rotate at training size", config.rotation, template.__getitem__),
         ]
@@ -285,7 +289,7 @@ def pipelines_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows
         image_size=config.pipeline_image_size,
         batch_size=config.batch_size,
         num_workers=config.pipeline_workers,
-        rotation=config.rotation,
+        rotation=config.pipeline_rotation,
         batches=config.pipeline_batches,
         rounds=config.pipeline_rounds,
     )
@@ -298,6 +302,13 @@ def pipelines_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows
         }
         for row in rows
     ]
+
+
+def stages_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows:
+    """Where the pipelines' time goes: per-image CPU ms of each stage, naive vs fast, one process."""
+    data_dir = source_images(config, config.pipeline_source_size, (config.pipeline_batches + 4) * config.batch_size)
+    images = max(4, min(16, config.source_images))
+    return stage_costs(data_dir, config.pipeline_image_size, config.pipeline_rotation, images, config.batch_size)
 
 
 def overhead_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows:
@@ -334,6 +345,7 @@ SECTIONS: dict[str, Callable[[BenchmarkConfig, dict[str, Rows]], Rows]] = {
     "model": model_section,
     "end_to_end": end_to_end_section,
     "pipelines": pipelines_section,
+    "stages": stages_section,
     "overhead": overhead_section,
     "model_variants": model_variants_section,
 }
@@ -358,6 +370,7 @@ TITLES = {
     "model": "model only: forward + backward img/s on a ready batch",
     "end_to_end": "end to end: training img/s at the recommended num_workers",
     "pipelines": "pipelines: files on disk to the normalized float batch, img/s (naive = the yardstick)",
+    "stages": "where the pipelines' time goes: CPU ms per image and stage, one process",
     "overhead": "Lightning's own cost: step time under the Trainer vs a raw PyTorch loop",
     "model_variants": "model side: model-only img/s by option",
 }
