@@ -110,11 +110,13 @@ def trainer_step_rate(
     warmup: int = 5,
     precision: str = "32-true",
     logged: bool = True,
+    callbacks: list[L.Callback] | None = None,
 ) -> Rate:
     """Images per second of training steps of `module` under `L.Trainer`, fed the same in-memory batches.
 
     `logged`: with a TensorBoard logger (written to a temporary folder) and the progress bar, as
-    `scripts/train.py` runs; without: both off, Lightning's loop alone.
+    `scripts/train.py` runs; without: both off, Lightning's loop alone. `callbacks`: more of them, e.g.
+    the ones `scripts/train.py` adds.
     """
     device = batches[0][0].device
     timer = _StepTimer(max(1, warmup))
@@ -132,11 +134,18 @@ def trainer_step_rate(
             enable_model_summary=False,
             enable_checkpointing=False,
             log_every_n_steps=10,
-            callbacks=[timer],
+            callbacks=[timer, *(callbacks or [])],
             default_root_dir=root,
         )
         trainer.fit(module, train_dataloaders=_Cycle(batches, warmup + steps))
     return Rate(timer.steps * len(batches[0][0]), timer.end[0] - timer.start[0], timer.end[1] - timer.start[1])
+
+
+def run_callbacks() -> list[L.Callback]:
+    """The callbacks of a default `scripts/train.py` run (its progress bar aside: `logged` adds one)."""
+    from project.training import build_callbacks, parse_train_flags  # the run's own wiring, not a copy of it
+
+    return [c for c in build_callbacks(parse_train_flags([])) if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
 
 
 def lightning_overhead(
@@ -171,6 +180,9 @@ def lightning_overhead(
         ),
         "Lightning Trainer, TensorBoard logger + progress bar": lambda: trainer_step_rate(
             copy.deepcopy(module), batches, steps, warmup, precision, logged=True
+        ),
+        "Lightning Trainer, train.py's callbacks (LR and feed monitors, views, fault guards)": lambda: (
+            trainer_step_rate(copy.deepcopy(module), batches, steps, warmup, precision, True, run_callbacks())
         ),
     }
     best = best_of(rounds, loops)
