@@ -1,7 +1,8 @@
 """`ImageDataModule`: everything about data for a run, from folders on disk to normalized batches on the device.
 
 It owns the datasets (train / val / test / predict), the DataLoaders with every setting people tune,
-and the batch work done on the device after transfer (`on_after_batch_transfer`).
+and the batch work done on the device after transfer (`on_after_batch_transfer`). The data comes from an
+image folder or, past one disk, from a streaming dataset (see `project.data.streaming`).
 """
 
 from __future__ import annotations
@@ -22,13 +23,20 @@ from jsonargparse.typing import (
     PositiveInt,
     restricted_number_type,
 )
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from project.data.builtin import generate_shapes
 from project.data.cache import CachedImageDataset, default_cache_dir, ensure_cache
 from project.data.files import ImageFileDataset, list_images
 from project.data.folder import BadImages, ImageFolderDataset, SkipBadCollate, find_classes, folder_summary
+from project.data.streaming import (
+    ResumableStreamingDataLoader,
+    StreamingDataset,
+    is_streaming_source,
+    read_metadata,
+    streaming_dataset,
+)
 from project.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -69,9 +77,19 @@ class ImageDataModule(L.LightningDataModule):
     Every parameter is also a flag of `scripts/train.py` (same name, its type, default and the line
     below as help), and is kept in `self.hparams`.
 
+    A streaming source (`data_dir` an s3:// or gs:// URL, or a folder holding classes.json or train/index.json,
+    as scripts/optimize_data.py writes them; `self.streaming`) goes through the same transforms and device
+    work, read by litdata's `StreamingDataLoader`. Under DDP each training epoch deals every rank
+    floor(N / (ranks * batch_size)) full batches of distinct samples; the other N mod (ranks * batch_size)
+    samples sit that epoch out (litdata's drop_last, which DDP needs: every rank must step as often). Which
+    ones follows the chunk order, reshuffled every epoch; with a single chunk (a small dataset) it is the same
+    ones each epoch. Validation and test see every sample once (the last rank takes the remainder). Its
+    loader position is saved in checkpoints, so a run stopped mid-epoch resumes where it stopped.
+
     Args:
         data_dir: data_dir/train/<class>/* with optional val/ and test/ beside it (a folder of class folders alone is
-            used as train/); None: the built-in shapes dataset
+            used as train/), or a streaming dataset written by optimize_data.py (its folder, or an s3:// / gs://
+            URL); None: the built-in shapes dataset
         image_size: side in pixels of the square images the model sees (shorter side resized, centre crop)
         batch_size: images per batch (per device)
         num_workers: DataLoader worker processes, or auto: the training run measures a short sweep and picks the count
@@ -87,8 +105,12 @@ class ImageDataModule(L.LightningDataModule):
         augment_on: where training augmentation runs: cpu (workers, per image), device (after transfer, one batched
             call), auto (device when the accelerator is not the CPU)
         cache: decode and resize every image once into a uint8 store at image_size; later epochs and runs read memory
-            (rebuilt when the files, image_size or the split change)
-        cache_dir: where the decoded caches go; None: data/cache/<dataset name>-<path hash>
+            (rebuilt when the files, image_size or the split change); refused for a streaming dataset, which
+            caches its chunks itself
+        cache_dir: where the decoded caches go; None: data/cache/<dataset name>-<path hash>; for a streaming URL:
+            where its downloaded chunks go (None: ~/.lightning/chunks, or $LITDATA_CACHE_DIR)
+        max_cache_size: streaming URL: disk budget for its downloaded chunks, e.g. 50GB; chunks already read are
+            deleted past it (None: litdata's default, 75% of the free disk in recent releases)
         channels_last: hand the model NHWC-strided batches (faster convolutions on tensor-core GPUs)
         val_fraction: share of train/ held out (stratified, seeded) when there is no val/
         seed: seeds the validation split and order, the balanced sampler and (for a run) torch, numpy and the workers
@@ -120,6 +142,7 @@ class ImageDataModule(L.LightningDataModule):
         augment_on: Literal["auto", "cpu", "device"] = "auto",
         cache: bool = False,
         cache_dir: str | None = None,
+        max_cache_size: str | None = None,
         channels_last: bool = False,
         val_fraction: OpenUnitInterval = 0.1,
         seed: Seed = 0,
@@ -150,6 +173,10 @@ class ImageDataModule(L.LightningDataModule):
 
         self.data_dir = Path(data_dir) if data_dir is not None else Path(builtin_dir)
         self.is_builtin = data_dir is None
+        self.streaming = data_dir is not None and is_streaming_source(data_dir)
+        self._metadata: dict[str, Any] | None = None  # a streaming source's classes.json, read once
+        self._train_loader: ResumableStreamingDataLoader | None = None  # whose position checkpoints save
+        self._loader_state: dict[str, Any] | None = None  # a checkpoint's loader position, until the loader exists
         self.bad_images: list[str] = []  # unreadable files met since BadImageMonitor last drained it
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -176,9 +203,16 @@ class ImageDataModule(L.LightningDataModule):
         return path if self.train_dir != self.data_dir and path.is_dir() else None
 
     @property
+    def metadata(self) -> dict[str, Any]:
+        """A streaming source's classes.json: class names, stored image size, samples per split."""
+        if self._metadata is None:
+            self._metadata = read_metadata(self.hparams.data_dir)
+        return self._metadata
+
+    @property
     def classes(self) -> list[str]:
-        """Class names, from the training folder; val and test must have the same ones."""
-        return find_classes(self.train_dir)
+        """Class names, from the training folder (val and test must have the same ones) or classes.json."""
+        return list(self.metadata["classes"]) if self.streaming else find_classes(self.train_dir)
 
     @property
     def preprocessing(self) -> dict[str, Any]:
@@ -187,8 +221,8 @@ class ImageDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------- lifecycle
     def prepare_data(self) -> None:
-        if self.is_builtin and self.hparams.predict_paths is not None:
-            return  # prediction only: no training data to generate
+        if self.streaming or (self.is_builtin and self.hparams.predict_paths is not None):
+            return  # written beforehand by optimize_data.py, or prediction only: no training data to generate
         if self.is_builtin:
             generate_shapes(self.data_dir, image_size=64, seed=0)
         elif not self.data_dir.is_dir():
@@ -214,12 +248,15 @@ class ImageDataModule(L.LightningDataModule):
             channels_last=self.hparams.channels_last,
         )
 
-        if stage in ("fit", "validate", None) and self.train_set is None:
-            self._setup_train_val()
-            rank_zero_info(folder_summary({"train": self.train_set, "val": self.val_set}))
-        if stage in ("test", None) and self.test_set is None and self.split_dir("test"):
-            self.test_set = self._mixed(self._folder(self.split_dir("test"), self.classes))
-            rank_zero_info(folder_summary({"test": self.test_set}))
+        if self.streaming:
+            self._setup_streaming(stage, train_tf, eval_tf)
+        else:
+            if stage in ("fit", "validate", None) and self.train_set is None:
+                self._setup_train_val()
+                rank_zero_info(folder_summary({"train": self.train_set, "val": self.val_set}))
+            if stage in ("test", None) and self.test_set is None and self.split_dir("test"):
+                self.test_set = self._mixed(self._folder(self.split_dir("test"), self.classes))
+                rank_zero_info(folder_summary({"test": self.test_set}))
         if stage in ("predict", None) and self.hparams.predict_paths is not None:
             self.predict_set = ImageFileDataset(
                 list_images(self.hparams.predict_paths),
@@ -233,7 +270,7 @@ class ImageDataModule(L.LightningDataModule):
             (self.test_set, eval_tf),
             (self.predict_set, eval_tf),
         ):
-            if dataset is not None:
+            if dataset is not None and not isinstance(dataset, StreamingDataset):  # those got theirs when built
                 dataset.transform = transform
         if self.hparams.cache:
             self._use_cache(tensor_train_transform(cpu_rotation, cpu_hflip))
@@ -254,6 +291,40 @@ class ImageDataModule(L.LightningDataModule):
                 setattr(self, f"{split}_set", dataset)
             if dataset is not None:
                 dataset.transform = train_tf if split == "train" else None  # cached images are resized
+
+    def _setup_streaming(self, stage: str | None, train_tf: Callable, eval_tf: Callable) -> None:
+        """The streaming splits, built on every call: the world size they read to share out the data is only
+        known in fit's own setup, once the processes have started (the training run calls setup before)."""
+        if self.hparams.cache:
+            raise ValueError(
+                "--cache decodes an image folder into a local store; a streaming dataset caches its chunks "
+                "itself (--cache_dir, --max_cache_size): drop --cache"
+            )
+        if self.hparams.sampler == "balanced":
+            raise ValueError("--sampler balanced draws images by index; a streaming dataset is read in chunks")
+        samples, stored = self.metadata["samples"], self.metadata["image_size"]
+        if self.hparams.image_size > stored and self.train_set is None:
+            rank_zero_warn(f"--image_size {self.hparams.image_size} upscales images stored at {stored} px")
+        first = self.train_set is None and self.test_set is None
+        if stage in ("fit", "validate", None):
+            self.train_set, self.val_set = self._stream("train", train_tf), self._stream("val", eval_tf)
+        if stage in ("test", None) and "test" in samples:
+            self.test_set = self._stream("test", eval_tf)
+        if first:
+            sizes = ", ".join(f"{split} {n}" for split, n in samples.items())
+            rank_zero_info(f"data: streaming {self.hparams.data_dir}: {sizes} images in {len(self.classes)} classes")
+
+    def _stream(self, split: str, transform: Callable) -> StreamingDataset:
+        settings = self.hparams
+        return streaming_dataset(
+            settings.data_dir,
+            split,
+            transform,
+            settings.image_size,
+            settings.seed,
+            settings.cache_dir,
+            settings.max_cache_size,
+        )
 
     def _folder(self, root: Path, classes: Sequence[str] | None = None) -> ImageFolderDataset:
         return ImageFolderDataset(
@@ -277,7 +348,7 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def has_test(self) -> bool:
-        return self.split_dir("test") is not None
+        return "test" in self.metadata["samples"] if self.streaming else self.split_dir("test") is not None
 
     # --------------------------------------------------------------- loaders
     def _pin_memory(self) -> bool:
@@ -289,6 +360,8 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, dataset: torch.utils.data.Dataset, train: bool = False) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a DataLoader")
+        if isinstance(dataset, StreamingDataset):
+            return self._streaming_loader(dataset, train)
         workers = self.hparams.num_workers
         kwargs: dict[str, Any] = {}
         if workers > 0:
@@ -311,6 +384,47 @@ class ImageDataModule(L.LightningDataModule):
             pin_memory=self._pin_memory(),
             **kwargs,
         )
+
+    def _streaming_loader(self, dataset: StreamingDataset, train: bool) -> ResumableStreamingDataLoader:
+        workers = self.hparams.num_workers
+        kwargs: dict[str, Any] = {}
+        if workers > 0:
+            kwargs = {"prefetch_factor": self.hparams.prefetch_factor, "timeout": self.hparams.loader_timeout}
+        trainer = self.trainer
+        distributed = trainer is not None and trainer.world_size > 1
+        loader = ResumableStreamingDataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            num_workers=workers,
+            shuffle=train and self.hparams.shuffle,
+            # DDP: every rank must step as often, so training drops the remainder; evaluation keeps it (its
+            # metrics are synced once, at the end of the epoch, so ranks may run different batch counts)
+            drop_last=train and (self.hparams.drop_last or distributed),
+            collate_fn=self.collate_fn,
+            pin_memory=self._pin_memory(),
+            # persistent workers keep their own epoch (the shuffle) and position, which move on only when a
+            # worker reaches the end of its share: with --limit_train_batches every epoch would replay one order
+            persistent_workers=False,
+            **kwargs,
+        )
+        if train:
+            if self._loader_state is not None:
+                loader.load_state_dict(self._loader_state)
+                self._loader_state = None
+            self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """A streaming training loader's position, which checkpoints keep, so a resumed run carries on mid-epoch.
+
+        Lightning saves a stateful training loader's state itself, but loads it only into a loader built after
+        the checkpoint is read; the learning-rate schedule's `estimated_stepping_batches` builds it before
+        (Lightning #20550), so the DataModule, restored first, carries the position over.
+        """
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loader_state = state_dict.get("train_loader")
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
