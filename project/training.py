@@ -34,6 +34,7 @@ from project.callbacks import (
 )
 from project.cli import FlagParser, UsageError, flag_parser, import_class, kwargs_for, parse_flags, switches, to_yaml
 from project.data import ImageDataModule
+from project.data.streaming import is_url
 from project.feed.throughput import auto_num_workers, worker_budget
 from project.models import ImageClassifier, available_backbones
 from project.runtime.checkpoints import AtomicCheckpointIO, model_checkpoint, resolve_ckpt_path
@@ -97,7 +98,8 @@ def train_parser(datamodule_class: type = ImageDataModule) -> FlagParser:
     skip = {datamodule_class: {"collate_fn", "predict_paths", "mean", "std"}, ImageClassifier: FROM_DATA}
     parser = flag_parser(
         "train.py",
-        "Train an image classifier (Lightning) on an image folder. Flags take hyphens too (--max-epochs), "
+        "Train an image classifier (Lightning) on an image folder or a streaming dataset (optimize_data.py). "
+        "Flags take hyphens too (--max-epochs), "
         "and yes/no flags take --cache, --no-cache or --cache true|false.",
         [datamodule_class, ImageClassifier, RunOptions],
         skip,
@@ -144,7 +146,7 @@ def parse_train_flags(argv: Sequence[str]) -> dict[str, Any]:
 def check_flags(values: dict[str, Any]) -> None:
     """What no type hint can say: paths that must exist, names from registries, flags that need another."""
     data_dir, root = values.get("data_dir"), values["default_root_dir"]
-    if data_dir is not None and not Path(data_dir).is_dir():
+    if data_dir is not None and not is_url(data_dir) and not Path(data_dir).is_dir():
         raise UsageError(f"argument --data_dir: no such folder {data_dir!r}")
     if Path(root).exists() and not Path(root).is_dir():
         raise UsageError(f"argument --default_root_dir: {root!r} is a file, not a folder")
@@ -158,6 +160,10 @@ def check_flags(values: dict[str, Any]) -> None:
             f"--unfreeze_at_epoch {values['unfreeze_at_epoch']} needs --freeze_backbone (nothing is frozen)"
         )
     check_accelerator(values["accelerator"])
+    if values.get("decode_on") == "device" and (values["accelerator"] == "cpu" or not torch.cuda.is_available()):
+        raise UsageError(
+            "--decode_on device: JPEGs are decoded with nvJPEG on a CUDA GPU, and none is in use; use --decode_on cpu"
+        )
 
 
 class SaveConfig(Callback):

@@ -139,6 +139,11 @@ def test_advice_follows_the_bottleneck():
         == "use --augment_on device"
     )
     assert recommend(0.5, 0.1, 0.1, num_workers=4, max_workers=4, on_accelerator=False)[1] == "use --cache"
+    # on a GPU with augmentation already there: decode there too (the cache is the other way out)
+    on_gpu = {"num_workers": 4, "max_workers": 4, "on_accelerator": True, "augment_on": "device"}
+    assert recommend(0.5, 0.1, 0.1, **on_gpu)[1] == "use --decode_on device (or --cache)"
+    assert recommend(0.5, 0.1, 0.1, **on_gpu, decode_on="device")[1] == "use --cache"
+    assert "--decode_on" not in recommend(0.5, 0.1, 0.1, **on_gpu, cached=True)[1]
     assert "--num_workers" not in recommend(0.5, 0.1, 0.1, num_workers=4, max_workers=4, cached=True)[1]
 
 

@@ -4,12 +4,12 @@ with a line saying what to do."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import lightning as L
@@ -205,24 +205,13 @@ class Slow(Dataset):
         return torch.randn(32)
 
 
-class TrackedLoader(DataLoader):
-    """A DataLoader that keeps weak references to the iterators it hands out."""
-
-    iterators: list[weakref.ref] = []
-
-    def __iter__(self):
-        iterator = super().__iter__()
-        self.iterators.append(weakref.ref(iterator))
-        return iterator
-
-
 class LoaderModel(BoringModel):
     def __init__(self, dataset: Dataset, **loader) -> None:
         super().__init__()
         self.dataset, self.loader = dataset, loader
 
     def train_dataloader(self):
-        return TrackedLoader(self.dataset, batch_size=2, num_workers=1, **self.loader)
+        return DataLoader(self.dataset, batch_size=2, num_workers=1, **self.loader)
 
 
 def test_a_dead_worker_ends_the_run_with_what_to_do(tmp_path, capsys):
@@ -231,8 +220,29 @@ def test_a_dead_worker_ends_the_run_with_what_to_do(tmp_path, capsys):
         trainer.fit(LoaderModel(Killed()))
     err = capsys.readouterr().err.strip().splitlines()
     assert stopped.value.code == 1 and err == [f"train.py: error: {faults.WORKER_DIED.format(KILLED)}"]
-    # its iterator is gone, workers shut down: PyTorch's SIGCHLD handler has no dead worker left to report later
-    assert TrackedLoader.iterators and all(iterator() is None for iterator in TrackedLoader.iterators)
+    assert not dead_unreaped_child()  # nothing left for PyTorch's SIGCHLD handler to report later
+
+
+def dead_unreaped_child() -> bool:
+    """Whether a child process of this one has ended and not been reaped yet."""
+    try:
+        return os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # no child processes at all
+        return False
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_no_dead_worker_is_left_behind_for_a_later_report(tmp_path):
+    with pytest.raises(SystemExit), clear_failures(boring_trainer(tmp_path, [])):
+        worker = multiprocessing.get_context("fork").Process(target=die)
+        worker.start()
+        while not dead_unreaped_child():
+            time.sleep(0.01)
+        raise RuntimeError(POLLED)
+    assert not dead_unreaped_child() and worker.exitcode == -signal.SIGKILL
 
 
 KILLED = "killed, often by the out-of-memory killer"

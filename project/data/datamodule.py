@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from project.data.builtin import generate_shapes
 from project.data.cache import CachedImageDataset, default_cache_dir, ensure_cache
+from project.data.encoded import EncodedImageDataset, collate_encoded, decode_batch
 from project.data.files import ImageFileDataset, list_images
 from project.data.folder import BadImages, ImageFolderDataset, SkipBadCollate, find_classes, folder_summary
 from project.data.streaming import (
@@ -104,6 +105,8 @@ class ImageDataModule(L.LightningDataModule):
         hflip: random horizontal flips for training
         augment_on: where training augmentation runs: cpu (workers, per image), device (after transfer, one batched
             call), auto (device when the accelerator is not the CPU)
+        decode_on: where JPEGs are decoded: cpu (workers, at reduced DCT scale) or device (workers only read the
+            bytes; each batch is decoded with nvJPEG on the GPU, then resized and augmented there)
         cache: decode and resize every image once into a uint8 store at image_size; later epochs and runs read memory
             (rebuilt when the files, image_size or the split change); refused for a streaming dataset, which
             caches its chunks itself
@@ -140,6 +143,7 @@ class ImageDataModule(L.LightningDataModule):
         rotation: Degrees = 15.0,
         hflip: bool = True,
         augment_on: Literal["auto", "cpu", "device"] = "auto",
+        decode_on: Literal["cpu", "device"] = "cpu",
         cache: bool = False,
         cache_dir: str | None = None,
         max_cache_size: str | None = None,
@@ -236,7 +240,12 @@ class ImageDataModule(L.LightningDataModule):
         return "device" if on_accelerator else "cpu"
 
     def setup(self, stage: str | None = None) -> None:
-        on_device = self.resolved_augment_on() == "device"
+        decode_on_device = self.hparams.decode_on == "device"
+        if decode_on_device and (self.hparams.cache or self.streaming):
+            raise ValueError(
+                "--decode_on device reads image files; it cannot be combined with --cache or a streaming dataset"
+            )
+        on_device = decode_on_device or self.resolved_augment_on() == "device"  # decoded there: augmented there
         cpu_rotation, cpu_hflip = (0.0, False) if on_device else (self.hparams.rotation, self.hparams.hflip)
         train_tf = train_transform(self.hparams.image_size, cpu_rotation, cpu_hflip)
         eval_tf = eval_transform(self.hparams.image_size)
@@ -274,6 +283,11 @@ class ImageDataModule(L.LightningDataModule):
                 dataset.transform = transform
         if self.hparams.cache:
             self._use_cache(tensor_train_transform(cpu_rotation, cpu_hflip))
+        if decode_on_device:
+            for split in ("train", "val", "test"):  # JPEGs as bytes; other formats decoded and resized as before
+                dataset = getattr(self, f"{split}_set")
+                if isinstance(dataset, ImageFolderDataset):
+                    setattr(self, f"{split}_set", EncodedImageDataset(dataset, eval_tf))
 
     def _use_cache(self, train_tf: Callable | None) -> None:
         """Swap the train/val/test folder datasets for their decoded caches (built when missing or stale)."""
@@ -380,10 +394,15 @@ class ImageDataModule(L.LightningDataModule):
             batch_size=self.hparams.batch_size,
             num_workers=workers,
             drop_last=train and self.hparams.drop_last,
-            collate_fn=SkipBadCollate(self.collate_fn) if self.hparams.skip_bad_images else self.collate_fn,
+            collate_fn=self._collate_fn(dataset),
             pin_memory=self._pin_memory(),
             **kwargs,
         )
+
+    def _collate_fn(self, dataset: Dataset) -> Callable | None:
+        if isinstance(dataset, EncodedImageDataset):
+            return self.collate_fn or collate_encoded  # byte strings of different lengths: a list
+        return SkipBadCollate(self.collate_fn) if self.hparams.skip_bad_images else self.collate_fn
 
     def _streaming_loader(self, dataset: StreamingDataset, train: bool) -> ResumableStreamingDataLoader:
         workers = self.hparams.num_workers
@@ -437,6 +456,12 @@ class ImageDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.predict_set)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch[0], list):  # JPEG bytes (decode_on device): decoded straight onto the device
+            device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+            return (decode_batch(batch[0], self.hparams.image_size, device), *batch[1:])
+        return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch[-1], BadImages):

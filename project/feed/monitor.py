@@ -112,10 +112,12 @@ def recommend(
     on_accelerator: bool = False,
     augment_on: str | None = None,
     cached: bool = False,
+    decode_on: str | None = None,
 ) -> tuple[str, str]:
     """(verdict, the single change most likely to help) for a measured wait share.
 
-    `wait_s` and `step_s` are per-batch means; `max_workers` is the worker budget of this machine.
+    `wait_s` and `step_s` are per-batch means; `max_workers` is the worker budget of this machine;
+    `cached`: the images are already decoded once (or cannot be: a streaming source).
     """
     verdict = classify(wait_fraction)
     if verdict == "model-bound":
@@ -125,6 +127,8 @@ def recommend(
         return verdict, f"raise --num_workers from {num_workers} to {target}"
     if on_accelerator and augment_on != "device":
         return verdict, "use --augment_on device"
+    if not cached and on_accelerator and decode_on != "device":  # decoding is the largest per-image cost
+        return verdict, "use --decode_on device (or --cache)"
     if not cached:
         return verdict, "use --cache"
     if verdict == "balanced":
@@ -259,7 +263,8 @@ class DataFeedMonitor(Callback):
             max_workers=worker_budget(max(1, trainer.num_devices)),
             on_accelerator=trainer.strategy.root_device.type != "cpu",
             augment_on=augment_on,
-            cached=bool(settings.get("cache", False)),
+            cached=bool(settings.get("cache", False)) or bool(getattr(datamodule, "streaming", False)),
+            decode_on=settings.get("decode_on"),
         )
         self.summary = FeedSummary(steps, samples, wait_s, step_s, verdict, advice)
         if self.verbose and trainer.is_global_zero:

@@ -6,7 +6,7 @@ leaves a checkpoint that `--ckpt_path last` resumes from.
 
 from __future__ import annotations
 
-import gc
+import multiprocessing
 import os
 import signal
 import sys
@@ -285,30 +285,21 @@ def explain_failure(error: BaseException) -> str | None:
 
 @contextmanager
 def _worker_reports_set_aside() -> Iterator[None]:
-    """Set the SIGCHLD handler aside while a failure is handled.
+    """Handle a failure without PyTorch's SIGCHLD handler, then leave it no dead worker to report.
 
-    PyTorch's handler reports a dead DataLoader worker as a RuntimeError raised wherever this process
-    happens to be when the signal comes; after the run has already failed (say the worker's death broke
-    a connection first), that would be in the middle of the handling below.
+    The handler reports a DataLoader worker that is dead and not yet reaped, as a RuntimeError raised
+    wherever this process happens to be when a child exits. When a worker's death surfaced first in
+    another way (a broken connection), that would be in the middle of the handling; afterwards, at the
+    next child's exit, in the middle of whatever runs then.
     """
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL) if main else None
     try:
         yield
     finally:
+        multiprocessing.active_children()  # reaps the children that have ended, dead workers among them
         if previous is not None:
             signal.signal(signal.SIGCHLD, previous)
-
-
-def _release_loaders(error: BaseException) -> None:
-    """Let the DataLoader iterators the failed run's frames still hold shut their workers down now.
-
-    Until its iterator is gone, PyTorch's SIGCHLD handler keeps reporting a dead worker, at the next exit of
-    any child process, in the middle of whatever runs then.
-    """
-    for cause in _chain(error):
-        traceback.clear_frames(cause.__traceback__)
-    gc.collect()  # the iterators sit in reference cycles
 
 
 @contextmanager
@@ -331,7 +322,6 @@ def clear_failures(trainer: L.Trainer, prog: str = "train.py") -> Iterator[None]
                 code, message = 1, explain_failure(error)
                 if message is None:
                     raise
-            _release_loaders(error)
             if message is not None:
                 print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(code) from None
