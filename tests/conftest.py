@@ -38,3 +38,11 @@ def load_script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def train_exit_code(argv: list[str]) -> int:
+    """`scripts/train.py`'s exit code for `argv`, whether `main` returns it or the parser exits with it."""
+    try:
+        return load_script("train").main(argv)
+    except SystemExit as stop:
+        return stop.code

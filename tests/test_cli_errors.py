@@ -6,16 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import load_script
-
-TRAIN = load_script("train")
-
-
-def run(argv: list[str]) -> int:
-    try:
-        return TRAIN.main(argv)
-    except SystemExit as stop:
-        return stop.code
+from tests.conftest import train_exit_code
 
 
 def one_line_error(capsys) -> str:
@@ -54,42 +45,42 @@ def one_line_error(capsys) -> str:
     ],
 )
 def test_bad_flag_is_one_line_naming_it_with_exit_code_2(argv, flag, capsys):
-    assert run(argv) == 2
+    assert train_exit_code(argv) == 2
     assert flag in one_line_error(capsys)
 
 
 def test_values_from_config_are_checked_like_flags(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("lr: 0.01\nlabel_smoothing: 3\n")
-    assert run(["--config", str(config)]) == 2
+    assert train_exit_code(["--config", str(config)]) == 2
     line = one_line_error(capsys)
     assert "--label_smoothing" in line
     config.write_text(f"data_dir: {tmp_path / 'missing'}\n")
-    assert run(["--config", str(config)]) == 2
+    assert train_exit_code(["--config", str(config)]) == 2
     assert "--data_dir" in one_line_error(capsys)
     # the file is checked as it is read: its bad value is named even when the command line sets another
     config.write_text("rotation: 999\n")
-    assert run(["--config", str(config), "--rotation", "10"]) == 2
+    assert train_exit_code(["--config", str(config), "--rotation", "10"]) == 2
     assert "--rotation" in one_line_error(capsys)
 
 
 def test_default_root_dir_that_is_a_file_is_rejected(tmp_path, capsys):
     afile = tmp_path / "runs"
     afile.write_text("")
-    assert run(["--default_root_dir", str(afile)]) == 2
+    assert train_exit_code(["--default_root_dir", str(afile)]) == 2
     assert "--default_root_dir" in one_line_error(capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a CUDA GPU")
 def test_gpu_without_cuda_says_what_was_found_and_what_to_use(tmp_path, capsys):
-    assert run(["--accelerator", "gpu", "--default_root_dir", str(tmp_path)]) == 2
+    assert train_exit_code(["--accelerator", "gpu", "--default_root_dir", str(tmp_path)]) == 2
     line = one_line_error(capsys)
     assert "--accelerator gpu" in line and "no CUDA GPU" in line and "--accelerator cpu" in line
     assert not (tmp_path / "lightning_logs").exists()  # nothing started
 
 
 def test_ckpt_path_last_without_a_checkpoint_is_an_error_not_a_fresh_start(tmp_path, capsys):
-    assert run(["--ckpt_path", "last", "--default_root_dir", str(tmp_path)]) == 2
+    assert train_exit_code(["--ckpt_path", "last", "--default_root_dir", str(tmp_path)]) == 2
     line = one_line_error(capsys)
     assert "--ckpt_path last" in line and "no checkpoint" in line and str(tmp_path) in line
     assert not (tmp_path / "lightning_logs").exists()

@@ -11,16 +11,7 @@ import torch
 
 from project.data import ImageDataModule
 from project.models import ImageClassifier
-from tests.conftest import load_script, write_image
-
-TRAIN = load_script("train")
-
-
-def exit_code(argv: list[str]) -> int:
-    try:
-        return TRAIN.main(argv)
-    except SystemExit as stop:
-        return stop.code
+from tests.conftest import train_exit_code, write_image
 
 
 def one_line(capsys) -> str:
@@ -33,7 +24,7 @@ def test_test_classes_unlike_train_stop_before_any_training(tiny_shapes, tmp_pat
     data = tmp_path / "data"
     shutil.copytree(tiny_shapes, data)
     shutil.rmtree(next(p for p in sorted((data / "test").iterdir()) if p.is_dir()))  # test/ lacks one class
-    assert exit_code(["--data_dir", str(data), "--default_root_dir", str(tmp_path), "--accelerator", "cpu"]) == 2
+    assert train_exit_code(["--data_dir", str(data), "--default_root_dir", str(tmp_path), "--accelerator", "cpu"]) == 2
     assert "missing" in one_line(capsys)
     assert not (tmp_path / "lightning_logs").exists() or not list((tmp_path / "lightning_logs").rglob("*.ckpt"))
 
@@ -49,7 +40,7 @@ def test_backbones_with_auxiliary_heads_train(backbone):
 
 def test_a_backbone_that_needs_other_image_sizes_is_one_line_naming_both_flags(tiny_shapes, tmp_path, capsys):
     argv = ["--data_dir", str(tiny_shapes), "--default_root_dir", str(tmp_path), "--accelerator", "cpu"]
-    assert exit_code([*argv, "--backbone", "vit_b_16", "--image_size", "32"]) == 2
+    assert train_exit_code([*argv, "--backbone", "vit_b_16", "--image_size", "32"]) == 2
     line = one_line(capsys)
     assert "--backbone vit_b_16" in line and "--image_size 32" in line
 
@@ -63,7 +54,7 @@ def test_skip_bad_images_on_a_small_folder_finishes_and_reports(tmp_path):
         (data / "train" / ("a" if i % 2 else "b") / f"{i}.png").write_bytes(b"not an image")
     argv = ["--data_dir", str(data), "--default_root_dir", str(tmp_path), "--accelerator", "cpu"]
     argv += ["--image_size", "24", "--max_epochs", "1", "--num_workers", "0", "--skip_bad_images"]
-    assert exit_code(argv) == 0  # with the default --max_bad_fraction the run finishes
+    assert train_exit_code(argv) == 0  # with the default --max_bad_fraction the run finishes
     listed = (tmp_path / "lightning_logs" / "version_0" / "bad_images.txt").read_text().split()
     assert sorted(listed) == sorted(str(data / "train" / c / f"{i}.png") for c, i in (("a", 3), ("b", 8)))
 

@@ -10,16 +10,9 @@ import pytest
 from torch.utils.data import SequentialSampler, WeightedRandomSampler
 
 from project.training import build_datamodule, build_trainer, parse_train_flags
-from tests.conftest import load_script
+from tests.conftest import load_script, train_exit_code
 
 TRAIN = load_script("train")
-
-
-def exit_code(argv: list[str]) -> int:
-    try:
-        return TRAIN.main(argv)
-    except SystemExit as stop:
-        return stop.code
 
 
 @pytest.fixture
@@ -62,14 +55,14 @@ def test_a_new_constructor_parameter_is_a_flag_with_help_default_and_checks(exte
     assert type(datamodule).__name__ == "GrayscaleDataModule"
     assert datamodule.hparams.gray_levels == 4 and datamodule.hparams.batch_size == 8
 
-    assert exit_code(["--datamodule", extended_datamodule, "--gray_levels", "0"]) == 2
+    assert train_exit_code(["--datamodule", extended_datamodule, "--gray_levels", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--gray_levels" in err
 
 
 def test_an_unimportable_datamodule_is_a_usage_error(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert exit_code(["--datamodule", "no_such_module.Data"]) == 2
+    assert train_exit_code(["--datamodule", "no_such_module.Data"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no_such_module.Data" in err
 
