@@ -85,7 +85,7 @@ def test_quick_run_writes_every_figure_and_ranks_the_work(tmp_path, capsys, one_
     assert stages["resize"]["naive_cpu_ms"] > 0 and stages["resize"]["fast_cpu_ms"] == 0
     assert stages["total"]["naive_cpu_ms"] > stages["total"]["fast_cpu_ms"]
     overhead = {r["loop"]: r for r in results["overhead"]}
-    assert len(overhead) == 3 and all(r["ms_per_step"] > 0 for r in overhead.values())
+    assert len(overhead) == 4 and all(r["ms_per_step"] > 0 for r in overhead.values())  # raw, bare, logged, run
     assert [r["variant"] for r in results["model_variants"]] == ["eager", "channels_last", "bf16"]
 
     png = tmp_path / "out" / "data_feed.png"
