@@ -76,7 +76,8 @@ def test_quick_run_writes_every_figure_and_ranks_the_work(tmp_path, capsys, one_
     # (measured about 5x less CPU per image). The figure counts the workers' CPU time: without it the
     # naive row would show only the main process's share, about as little as no-work's
     pipelines = {r["pipeline"]: r for r in results["pipelines"]}
-    assert {"naive", "naive_bilinear", "fast", "fast_device_aug", "cache", "no_work"} == set(pipelines)
+    assert {"naive", "naive_bilinear", "fast", "fast_device_aug", "cache", "streaming", "no_work"} == set(pipelines)
+    assert pipelines["streaming"]["images_per_s"] > 0
     assert pipelines["naive"]["cpu_ms_per_image"] > 2 * pipelines["no_work"]["cpu_ms_per_image"]
     # per stage, one process, CPU time: the naive side alone resizes, and its full-size rotation, resize and
     # float conversion come to more than the fast path's whole work (measured about 2x at 128 px)

@@ -12,7 +12,9 @@ first prefetched batches are not timed), so the ratios say what each design choi
   as such, never the yardstick);
 - fast: `ImageDataModule`: DCT-scaled JPEG decode, then resize, rotation and flip in one resampling at
   the training size, uint8 batches, float conversion and normalization batched after the loader;
-- cache: the same DataModule with `cache=True`: the loader copies decoded pixels out of a memory map.
+- cache: the same DataModule with `cache=True`: the loader copies decoded pixels out of a memory map;
+- streaming: the same DataModule reading the images written once as a local litdata dataset
+  (`scripts/optimize_data.py`, JPEGs stored at 256 px), through its own StreamingDataLoader.
 
 `compare_pipelines` returns rows like `{"pipeline": "naive", "images_per_s": 210.0, "vs_naive": 1.0, ...}`.
 The loader, the timing and the repeats are `project.feed.throughput`'s (`steady_loader`,
@@ -36,6 +38,7 @@ from torchvision import transforms as T
 from project.data.builtin import generate_shapes
 from project.data.datamodule import ImageDataModule
 from project.data.folder import load_image
+from project.data.streaming import is_streaming_source, optimize_datamodule
 from project.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomResizeRotateFlip
 from project.feed.throughput import Rate, best_of, measure_loader, steady_loader, time_calls
 
@@ -83,7 +86,7 @@ def compare_pipelines(
     batches: int = 20,
     warmup: int | None = None,
     rounds: int = 1,
-    include: Iterable[str] = ("naive", "naive_bilinear", "fast", "fast_device_aug", "cache", "no_work"),
+    include: Iterable[str] = ("naive", "naive_bilinear", "fast", "fast_device_aug", "cache", "streaming", "no_work"),
 ) -> list[dict[str, Any]]:
     """Measure the pipelines on `data_dir/train` (e.g. from `make_benchmark_images`), side by side.
 
@@ -95,9 +98,11 @@ def compare_pipelines(
     """
     include = list(include)
 
-    def datamodule(augment_on: str, cache: bool) -> tuple[DataLoader, Callable]:
+    stream_dir = Path(cache_dir) / "stream"
+
+    def datamodule(augment_on: str, cache: bool, streaming: bool = False) -> tuple[DataLoader, Callable]:
         dm = ImageDataModule(
-            data_dir,
+            stream_dir if streaming else data_dir,
             image_size=image_size,
             batch_size=batch_size,
             num_workers=num_workers,
@@ -105,9 +110,11 @@ def compare_pipelines(
             hflip=False,
             augment_on=augment_on,
             cache=cache,
-            cache_dir=cache_dir,
+            cache_dir=None if streaming else cache_dir,
         )
         dm.setup("fit")
+        if streaming:  # an iterable dataset: its own loader, read to its end at most once per measurement
+            return dm.train_dataloader(), lambda images: dm.device_transform(images, augment=True)
         # its dataset through the same plain loader as the naive one, then what on_after_batch_transfer
         # does to a training batch (here the device is the CPU)
         loader = steady_loader(dm.train_set, batch_size, num_workers)
@@ -123,6 +130,7 @@ def compare_pipelines(
         "fast": "draft decode, one resample for resize+rotate at training size (workers); uint8, normalize after",
         "fast_device_aug": "draft decode, resize (workers); uint8 batches; batched rotation + normalize after",
         "cache": "uint8 pixels from the decoded cache, rotate (workers); normalize after",
+        "streaming": "JPEGs stored at 256 px in local litdata chunks: decode, resize+rotate (workers); normalize after",
         "no_work": "a loader that does no per-image work: the ceiling for any cache",
     }
     builders: dict[str, Callable[[], tuple[DataLoader, Callable | None]]] = {
@@ -131,6 +139,7 @@ def compare_pipelines(
         "fast": lambda: datamodule("cpu", cache=False),
         "fast_device_aug": lambda: datamodule("device", cache=False),
         "cache": lambda: datamodule("cpu", cache=True),
+        "streaming": lambda: datamodule("cpu", cache=False, streaming=True),
         "no_work": lambda: plain(NoWork(batch_size, image_size)),
     }
 
@@ -143,6 +152,9 @@ def compare_pipelines(
 
     if "cache" in include:
         datamodule("cpu", cache=True)  # build it now, outside the timing
+    if "streaming" in include and not is_streaming_source(str(stream_dir)):
+        source = ImageDataModule(data_dir, image_size=image_size, num_workers=num_workers, val_fraction=0.05)
+        optimize_datamodule(source, str(stream_dir), image_size=256, num_workers=max(1, num_workers), progress=False)
     best = best_of(rounds, {name: measure(name) for name in include})
     naive = best.get("naive")
     rows = []
