@@ -292,8 +292,9 @@ def _worker_reports_set_aside() -> Iterator[None]:
     another way (a broken connection), that would be in the middle of the handling; afterwards, at the
     next child's exit, in the middle of whatever runs then.
     """
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL) if main else None
+    # only from the main thread, and only a handler Python can put back (None: one installed from C)
+    settable = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGCHLD) is not None
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL) if settable else None
     try:
         yield
     finally:
