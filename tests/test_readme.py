@@ -37,7 +37,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md"))
-COPIED = ("project", "scripts", "tests", "pyproject.toml", "README.md")
+COPIED = ("project", "scripts", "tests", "examples", "pyproject.toml", "README.md")
 FENCE = re.compile(r"^```(?:bash|sh|shell)[ \t]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 LOG_ENV = "README_TEST_LOG"
 
