@@ -166,7 +166,8 @@ def compare_pipelines(
                 "description": described[name],
                 "images_per_s": round(rate.per_s, 1),
                 "vs_naive": round(rate.per_s / naive.per_s, 2) if naive else None,
-                "cpu_ms_per_image": round(cpu, 2),
+                # a loader whose workers are not this process's children (litdata's) shows none of their time
+                "cpu_ms_per_image": round(cpu, 2) if cpu > 0 else None,
                 "cpu_vs_naive": round(naive.cpu_ms_per_sample / cpu, 2) if naive and cpu > 0 else None,
             }
         )
