@@ -32,7 +32,17 @@ from project.callbacks import (
     ModelGraphLogger,
     NonFiniteLossGuard,
 )
-from project.cli import FlagParser, UsageError, flag_parser, import_class, kwargs_for, parse_flags, switches, to_yaml
+from project.cli import (
+    FlagParser,
+    UsageError,
+    flag_parser,
+    import_class,
+    is_switch,
+    kwargs_for,
+    parse_flags,
+    switches,
+    to_yaml,
+)
 from project.data import ImageDataModule
 from project.data.streaming import is_url
 from project.feed.throughput import auto_num_workers, worker_budget
@@ -138,7 +148,8 @@ def datamodule_class(argv: Sequence[str]) -> type:
 def parse_train_flags(argv: Sequence[str]) -> dict[str, Any]:
     """train.py's flags as a flat dict; exits 2 with one line on a flag the parser refuses."""
     cls = datamodule_class(argv)
-    values = parse_flags(train_parser(cls), argv, switches([cls, ImageClassifier, RunOptions]) | {"deterministic"})
+    trainer_switches = {name for name, (hint, _) in TRAINER_FLAGS.items() if is_switch(hint)}
+    values = parse_flags(train_parser(cls), argv, switches([cls, ImageClassifier, RunOptions]) | trainer_switches)
     check_flags(values)
     return values
 
