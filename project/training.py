@@ -45,7 +45,7 @@ from project.cli import (
 )
 from project.data import ImageDataModule
 from project.data.streaming import is_url
-from project.feed.throughput import auto_num_workers, worker_budget
+from project.feed.throughput import auto_num_workers
 from project.models import ImageClassifier, available_backbones
 from project.runtime.checkpoints import AtomicCheckpointIO, model_checkpoint, resolve_ckpt_path
 from project.runtime.console import configure_console
@@ -127,17 +127,22 @@ def train_parser(datamodule_class: type = ImageDataModule) -> FlagParser:
 def datamodule_class(argv: Sequence[str]) -> type:
     """The class `--datamodule` names, in argv or in the `--config` file (read before the parser exists,
     because the class decides which flags there are)."""
-    path = None
+    path = RunOptions.datamodule
     for i, arg in enumerate(argv):
         following = argv[i + 1] if i + 1 < len(argv) else None
         if arg == "--datamodule" and following:
             path = following
         elif arg.startswith("--datamodule="):
             path = arg.partition("=")[2]
-        elif arg == "--config" and following and path is None and Path(following).is_file():
+        elif arg == "--config" and following and Path(following).is_file():
             with contextlib.suppress(yaml.YAMLError, AttributeError):
-                path = (yaml.safe_load(Path(following).read_text()) or {}).get("datamodule")
-    if path is None or path == RunOptions.datamodule:
+                path = (yaml.safe_load(Path(following).read_text()) or {}).get("datamodule", path)
+    return load_datamodule_class(path)
+
+
+def load_datamodule_class(path: str) -> type:
+    """The DataModule class at `path` (module.Class); the default needs no import from the working directory."""
+    if path == RunOptions.datamodule:
         return ImageDataModule
     cls = import_class(path)
     if not (isinstance(cls, type) and issubclass(cls, L.LightningDataModule)):
@@ -206,11 +211,8 @@ def check_accelerator(accelerator: str) -> None:
 
 
 def build_datamodule(values: dict[str, Any]) -> L.LightningDataModule:
-    cls = datamodule_class(["--datamodule", values.get("datamodule", RunOptions.datamodule)])
-    kwargs = kwargs_for(cls, values)
-    if kwargs.get("num_workers") == "auto":  # measured just before fit; until then, every worker allowed
-        kwargs["num_workers"] = worker_budget()
-    return cls(**kwargs)
+    cls = load_datamodule_class(values.get("datamodule", RunOptions.datamodule))
+    return cls(**kwargs_for(cls, values))  # num_workers auto: the DataModule's stand-in until the sweep
 
 
 def build_model(values: dict[str, Any], datamodule: L.LightningDataModule) -> ImageClassifier:

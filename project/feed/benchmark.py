@@ -278,10 +278,14 @@ def end_to_end_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Row
     ]
 
 
+def pipeline_images(config: BenchmarkConfig) -> Path:
+    """The pipelines' and stages' JPEGs: enough for the warm-up and the timed batches of every pipeline."""
+    return source_images(config, config.pipeline_source_size, (config.pipeline_batches + 4) * config.batch_size)
+
+
 def pipelines_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows:
     """Naive pipeline vs this template's fast path, on-device augmentation and --cache, same workers."""
-    images = (config.pipeline_batches + 4) * config.batch_size
-    data_dir = source_images(config, config.pipeline_source_size, images)
+    data_dir = pipeline_images(config)
     cache_dir = config.data_root / f"cache{config.pipeline_source_size}"
     rows = compare_pipelines(
         data_dir,
@@ -306,7 +310,7 @@ def pipelines_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows
 
 def stages_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows:
     """Where the pipelines' time goes: per-image CPU ms of each stage, naive vs fast, one process."""
-    data_dir = source_images(config, config.pipeline_source_size, (config.pipeline_batches + 4) * config.batch_size)
+    data_dir = pipeline_images(config)
     images = max(4, min(16, config.source_images))
     return stage_costs(data_dir, config.pipeline_image_size, config.pipeline_rotation, images, config.batch_size)
 
