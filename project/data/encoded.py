@@ -9,6 +9,7 @@ on the GPU (nvJPEG ignores it); a corrupt JPEG stops the batch (run with decode_
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,7 +51,7 @@ class EncodedImageDataset(torch.utils.data.Dataset):
             raise bad_image_error(path, error) from error
         if data[:3].tobytes() == JPEG_MAGIC:
             return torch.from_numpy(data), target  # (num_bytes,) uint8: decoded on the device
-        image = load_image(path, self.source.decode_min_size)
+        image = load_image(io.BytesIO(data), self.source.decode_min_size)  # the bytes already read, not the file again
         return (self.transform(image) if self.transform else TF.pil_to_tensor(image)), target
 
 

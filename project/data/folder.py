@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -150,8 +150,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str, min_size: int | None = None) -> Image.Image:
-    """Decode `path` to an RGB PIL image, EXIF orientation applied.
+def load_image(path: str | IO[bytes], min_size: int | None = None) -> Image.Image:
+    """Decode `path` (a file name or an open binary file) to an RGB PIL image, EXIF orientation applied.
 
     With `min_size`, JPEGs are decoded DCT-scaled (PIL `draft`) to the smallest of 1/1, 1/2, 1/4, 1/8
     whose sides are still >= `min_size`: a 1024 px JPEG wanted at 224 px decodes ~3x faster.
