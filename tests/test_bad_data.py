@@ -146,10 +146,11 @@ def test_val_classes_differing_from_train_is_one_line_naming_the_difference(tmp_
     assert "missing ['b']" in line and "unexpected ['d']" in line
 
 
-def test_image_modes_come_out_rgb_with_sensible_values(tmp_path):
+@pytest.mark.parametrize("min_size", [None, 4])  # full decode, and the DCT-scaled JPEG decode
+def test_image_modes_come_out_rgb_with_sensible_values(tmp_path, min_size):
     def roundtrip(image: Image.Image, name: str) -> np.ndarray:
         image.save(tmp_path / name)
-        out = load_image(str(tmp_path / name))
+        out = load_image(str(tmp_path / name), min_size)
         assert out.mode == "RGB"
         return np.asarray(out).astype(int)
 
@@ -166,17 +167,22 @@ def test_image_modes_come_out_rgb_with_sensible_values(tmp_path):
     grey16 = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))
     assert np.abs(roundtrip(grey16, "grey16.png") - 128).max() <= 1  # 16-bit mid grey stays mid grey
     assert (roundtrip(Image.new("L", (8, 8), 77), "grey.png") == 77).all()
+    assert np.abs(roundtrip(Image.new("L", (8, 8), 77), "grey.jpg") - 77).max() <= 1
+    assert np.abs(roundtrip(Image.new("RGB", (8, 8), (200, 40, 90)), "colour.jpg") - [200, 40, 90]).max() <= 4
 
 
-def test_exif_orientation_is_applied(tmp_path):
-    array = np.zeros((10, 20, 3), dtype=np.uint8)
-    array[:, :10] = [255, 0, 0]  # left half red
+@pytest.mark.parametrize("min_size", [None, 5])  # full decode, and the DCT-scaled decode (1/2 here)
+def test_exif_orientation_is_applied(tmp_path, min_size):
+    array = np.zeros((16, 32, 3), dtype=np.uint8)
+    array[:, :16] = [255, 0, 0]  # left half red
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: show rotated 90 degrees clockwise
     Image.fromarray(array).save(tmp_path / "phone.jpg", exif=exif, quality=95)
-    image = np.asarray(load_image(str(tmp_path / "phone.jpg"))).astype(int)
-    assert image.shape == (20, 10, 3)
-    assert image[2, 5, 0] > 200 and image[-3, 5, 0] < 60  # the red half is now on top
+    image = np.asarray(load_image(str(tmp_path / "phone.jpg"), min_size)).astype(int)
+    height, width = image.shape[:2]
+    assert height == 2 * width  # stored 2:1 wide, shown 1:2 tall
+    assert width == 16 if min_size is None else min_size <= width < 16  # reduced, never below min_size
+    assert image[2, 4, 0] > 200 and image[-3, 4, 0] < 60  # the red half is now on top
 
 
 def train_argv(data: Path, root: Path, *extra: str) -> list[str]:

@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from project.data.transforms import RandomResizeRotateFlip, resize_rotate_flip
+from project.data.transforms import RandomResizeRotateFlip, affine_grid, pil_to_chw, resize_rotate_flip
 
 
 def smooth_image(width: int, height: int) -> Image.Image:
@@ -30,7 +30,7 @@ def reference(image: Image.Image, size: int, angle: float, flip: bool) -> torch.
 @pytest.mark.parametrize("source", [(300, 240), (960, 1280)])  # a mild downscale, and one box-reduced first
 def test_one_resampling_matches_resize_crop_rotate_flip(angle, flip, source):
     image, size = smooth_image(*source), 96
-    ours = torch.from_numpy(np.array(resize_rotate_flip(image, size, angle, flip))).permute(2, 0, 1)
+    ours = resize_rotate_flip(pil_to_chw(image), size, angle, flip)
     expected = reference(image, size, angle, flip)
     inner = slice(size // 4, 3 * size // 4)  # away from the zero-filled corners, whose edges differ by a pixel
     difference = (ours[:, inner, inner].float() - expected[:, inner, inner].float()).abs().mean()
@@ -59,5 +59,21 @@ def test_random_angles_and_flips_follow_the_requested_distribution():
 def test_a_much_larger_image_is_not_aliased():
     checkerboard = (np.indices((1000, 1000)).sum(0) % 2 * 255).astype(np.uint8)  # 1-pixel squares: grey when shrunk
     image = Image.fromarray(np.stack([checkerboard] * 3, axis=-1))
-    ours = np.array(resize_rotate_flip(image, 96, 0.0, False)).astype(np.float64)
+    ours = resize_rotate_flip(pil_to_chw(image), 96, 0.0, False).double()
     assert abs(ours.mean() - 127.5) < 10 and ours.std() < 10  # bilinear taps every 10.4 pixels would not be
+
+
+def test_a_tensor_and_a_pil_image_give_the_same_augmentation():
+    image = smooth_image(120, 90)
+    chw = pil_to_chw(image).contiguous()  # a cached image's layout, not the PIL image's channels-last one
+    torch.manual_seed(3)
+    from_pil = RandomResizeRotateFlip(64, rotation=30.0, hflip=True)(image)
+    torch.manual_seed(3)
+    assert torch.equal(from_pil, RandomResizeRotateFlip(64, rotation=30.0, hflip=True)(chw))
+
+
+@pytest.mark.parametrize(("height", "width"), [(7, 7), (5, 9)])
+def test_affine_grid_samples_where_torch_affine_grid_does(height, width):
+    theta = torch.randn(3, 2, 3, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.affine_grid(theta, [3, 1, height, width], align_corners=False)
+    torch.testing.assert_close(affine_grid(theta, height, width), expected)

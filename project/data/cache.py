@@ -1,8 +1,9 @@
 """A decoded-image cache: every image decoded and resized once, then read straight from memory.
 
-`--cache` stores a split as one file of uint8 pixels at the training resolution, `(N, 3, S, S)` in
-dataset order, behind a small JSON header. Afterwards the loader only copies bytes out of a memory
-map (and augments, if augmentation runs on the CPU): no file opening, no JPEG decoding, no resizing.
+`--cache` stores a split as one file of uint8 pixels at the training resolution, `(N, S, S, 3)` in
+dataset order (channels last: the layout the CPU augmentation samples fastest), behind a small JSON
+header. Afterwards the loader only copies bytes out of a memory map (and augments, if augmentation runs
+on the CPU): no file opening, no JPEG decoding, no resizing.
 
 Trust rules:
 - the header holds a key over the source files (paths, sizes, mtimes, labels), the image size, the
@@ -34,7 +35,7 @@ from project.data.transforms import eval_transform
 
 MAGIC = b"PJCACHE1"
 FORMAT_VERSION = 1
-RECIPE = "decode-draft+resize-shorter+center-crop+uint8-chw"  # change it when preprocessing changes
+RECIPE = "decode-draft+resize-shorter+center-crop+uint8-hwc"  # change it when preprocessing changes
 HEADER_BYTES = 4096  # the pixels start page-aligned after the header
 CRC_CHUNK = 1 << 24  # 16 MiB at a time: bounded memory for any cache size
 DEFAULT_CACHE_ROOT = "data/cache"  # relative to the working directory, git-ignored like data/shapes
@@ -128,7 +129,7 @@ def build_cache(
 ) -> dict[str, Any]:
     """Decode and resize every image of `dataset` once (in DataLoader workers) into a cache at `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    count, shape = len(dataset), (3, image_size, image_size)
+    count, shape = len(dataset), (image_size, image_size, 3)
     source = dataset.subset(np.arange(count), transform=eval_transform(image_size))  # no augmentation
     source.decode_min_size = image_size
     source.skip_bad_images = False  # a stand-in image would be cached under another image's label
@@ -146,7 +147,7 @@ def build_cache(
         with tqdm(total=count, desc=f"caching {path.name}", unit="img", disable=not progress) as bar:
             for batch in loader:
                 images = batch[0]  # (B, 3, S, S) uint8, in dataset order
-                data[start : start + len(images)] = images.numpy()
+                data[start : start + len(images)] = images.permute(0, 2, 3, 1).numpy()
                 start += len(images)
                 bar.update(len(images))
         if start != count:
@@ -246,7 +247,7 @@ class CachedImageDataset(torch.utils.data.Dataset):
         return self._data
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = torch.from_numpy(np.array(self._images()[index]))  # a private (3, S, S) uint8 copy
+        image = torch.from_numpy(np.array(self._images()[index])).permute(2, 0, 1)  # a private (3, S, S) copy
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.samples.targets[index])

@@ -115,18 +115,15 @@ def write_metadata(root: str, metadata: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------- reading
 class DecodeSample:
-    """litdata sample -> `(image, label)`: the JPEG decoded as the folder path decodes its files (PIL, DCT-scaled
-    to no less than `min_size`), then `transform`, the folder path's train or eval transform: a uint8 tensor."""
+    """litdata sample -> `(image, label)`: the JPEG decoded as the folder path decodes its files (`load_image`,
+    DCT-scaled to no less than `min_size`), then `transform`, the folder path's train or eval transform: a uint8
+    tensor."""
 
     def __init__(self, transform: Callable, min_size: int | None = None) -> None:
         self.transform, self.min_size = transform, min_size
 
     def __call__(self, sample: dict[str, Any]) -> tuple[Any, int]:
-        with Image.open(io.BytesIO(sample["image"])) as image:
-            if self.min_size:
-                image.draft("RGB", (self.min_size, self.min_size))
-            image = image.convert("RGB")  # decodes (at the draft's scale); the images are stored as RGB
-        return self.transform(image), int(sample["label"])
+        return self.transform(load_image(io.BytesIO(sample["image"]), self.min_size)), int(sample["label"])
 
 
 class ResumableStreamingDataLoader(StreamingDataLoader):
