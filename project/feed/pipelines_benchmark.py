@@ -40,7 +40,15 @@ from project.data.datamodule import ImageDataModule
 from project.data.folder import load_image
 from project.data.streaming import is_streaming_source, optimize_datamodule
 from project.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomResizeRotateFlip
-from project.feed.throughput import Rate, best_of, measure_loader, steady_loader, time_calls
+from project.feed.throughput import (
+    Rate,
+    best_of,
+    measure_loader,
+    steady_loader,
+    time_calls,
+    torch_threads,
+    usable_cpus,
+)
 
 
 def make_benchmark_images(root: str | os.PathLike, image_size: int = 1024, per_class: int = 40) -> Path:
@@ -95,6 +103,10 @@ def compare_pipelines(
     `rounds > 1` each pipeline is measured that many times (interleaved) and its best rate kept,
     which filters out other load on a shared machine. The cache is built in `cache_dir` first
     (not timed). `warmup`: batches fetched before timing (default: `throughput.warmup_batches`).
+
+    The main process, whose only work here is the DataModule's batch transform (on a GPU, work for the
+    device), runs with the CPUs the workers leave, at least one intra-op thread: with 2 workers on 2
+    cores, a second thread would spin between batches on a core a worker needs.
     """
     include = list(include)
 
@@ -155,7 +167,8 @@ def compare_pipelines(
     if "streaming" in include and not is_streaming_source(str(stream_dir)):
         source = ImageDataModule(data_dir, image_size=image_size, num_workers=num_workers, val_fraction=0.05)
         optimize_datamodule(source, str(stream_dir), image_size=256, num_workers=max(1, num_workers), progress=False)
-    best = best_of(rounds, {name: measure(name) for name in include})
+    with torch_threads(usable_cpus() - num_workers):
+        best = best_of(rounds, {name: measure(name) for name in include})
     naive = best.get("naive")
     rows = []
     for name in include:
@@ -186,12 +199,8 @@ def stage_costs(
     Rows: `{"stage", "naive_cpu_ms", "fast_cpu_ms"}`, the last one the totals. Measured with one torch thread,
     as in a DataLoader worker (more threads would add their spinning to the CPU time, not speed).
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return _stage_costs(data_dir, image_size, rotation, images, batch_size)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _stage_costs(data_dir: str | os.PathLike, image_size: int, rotation: float, images: int, batch_size: int) -> list:

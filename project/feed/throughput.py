@@ -33,7 +33,7 @@ import copy
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +107,17 @@ def cpu_seconds(pids: Sequence[int]) -> float:
             with contextlib.suppress(OSError, ValueError, IndexError):  # a thread or process that ended meanwhile
                 total += int((task / "schedstat").read_text().split()[0]) / 1e9
     return total
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with `count` intra-op threads in this process, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def time_calls(fn: Callable[[int], Any], count: int, min_seconds: float = 0.0) -> Rate:
