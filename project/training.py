@@ -52,8 +52,10 @@ from project.runtime.console import configure_console
 from project.runtime.faults import clear_failures
 
 LOGS = "lightning_logs"
-# the bar reads its metrics (a host sync on a GPU) at each refresh: every 10 steps keeps syncs off most steps
+# the bar reads its values (a host sync on a GPU) at each refresh: every 10 steps keeps syncs off most steps
 PROGRESS_REFRESH_STEPS = 10
+# per-step values the bar shows: logged without prog_bar, read by StepMetricsBar at its refreshes
+BAR_METRICS = ("train/loss", "data_wait")
 PROFILERS = {"simple": SimpleProfiler, "advanced": AdvancedProfiler, "pytorch": PyTorchProfiler}
 # The Trainer arguments train.py exposes: (the type that checks the flag, train.py's default). The types are
 # narrower than the Trainer's own hints, which admit values Lightning rejects only once training starts.
@@ -240,12 +242,31 @@ def check_image_size(model: ImageClassifier, image_size: int) -> None:
         model.train()
 
 
+class StepMetricsBar(TQDMProgressBar):
+    """Lightning's TQDM bar, also showing the latest values of the per-step metrics `names`.
+
+    Lightning turns every value logged with `prog_bar=True` into a Python number after every training
+    step: on a GPU, a host-device sync per step, which stops the CPU from queuing the next step while the
+    GPU works. These metrics are logged without `prog_bar`; the bar reads them from
+    `trainer.callback_metrics` only when it refreshes, every `refresh_rate` steps.
+    """
+
+    def __init__(self, names: Sequence[str], refresh_rate: int = 1) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self.names = tuple(names)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        logged = trainer.callback_metrics
+        latest = {name: float(logged[name]) for name in self.names if name in logged}
+        return {**latest, **super().get_metrics(trainer, pl_module)}
+
+
 def build_callbacks(values: dict[str, Any]) -> list[Callback]:
     """The run's callbacks besides checkpointing, in the order they should run."""
     callbacks: list[Callback] = [
         LearningRateMonitor(logging_interval="step"),
         SaveConfig(values),
-        TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS),
+        StepMetricsBar(BAR_METRICS, refresh_rate=PROGRESS_REFRESH_STEPS),
     ]
     if values["freeze_backbone"]:
         callbacks.append(FreezeBackbone(unfreeze_at_epoch=values["unfreeze_at_epoch"]))

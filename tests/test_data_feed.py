@@ -99,7 +99,7 @@ def test_sleeping_loader_reads_data_bound_with_its_delay(tmp_path, capsys):
         assert wait >= 1000 * DELAY * 0.99  # every batch sleeps DELAY in collate (see above)
         assert float(row["feed/data_wait_fraction"]) == pytest.approx(wait / (wait + step), rel=1e-3)
         assert float(row["feed/samples_per_s"]) == pytest.approx(2000 / (wait + step), rel=1e-3)
-    assert trainer.progress_bar_metrics["data_wait"] == pytest.approx(float(rows[-1]["feed/data_wait_fraction"]))
+    assert trainer.callback_metrics["data_wait"] == pytest.approx(float(rows[-1]["feed/data_wait_fraction"]))
 
 
 def test_ready_tensors_under_resnet18_read_model_bound(tmp_path, capsys):

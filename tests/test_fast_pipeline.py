@@ -4,6 +4,8 @@ after the loader, and the model-side options, all without changing what the mode
 from __future__ import annotations
 
 import copy
+import inspect
+import os
 from pathlib import Path
 
 import pytest
@@ -21,9 +23,9 @@ from project.data.transforms import (
     tensor_train_transform,
 )
 from project.feed.pipelines_benchmark import compare_pipelines
-from project.feed.training_step_benchmark import make_batches, raw_step_rate, trainer_step_rate
+from project.feed.training_step_benchmark import make_batches, raw_step_rate, run_callbacks, trainer_step_rate
 from project.models import ImageClassifier
-from project.training import build_datamodule, build_model, parse_train_flags
+from project.training import StepMetricsBar, build_datamodule, build_model, parse_train_flags
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -250,3 +252,29 @@ def test_overhead_loops_both_train_on_the_same_batches() -> None:
     # both really ran optimizer steps, from the same starting weights
     for model in (module.model, raw_model):
         assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_default_run_reads_logged_values_back_only_at_refreshes_and_log_steps(monkeypatch) -> None:
+    """Reading a tensor back to the host is a GPU sync: none may happen on most steps. On the CPU the same
+    reads go through `item()` / `__float__`, which are counted here (the optimizer's own reads of its CPU
+    step counters aside)."""
+    reads: list[str] = []
+    for method in ("item", "__float__"):
+        original = getattr(torch.Tensor, method)
+
+        def counted(self, _original=original):
+            caller = inspect.currentframe().f_back.f_code.co_filename
+            if f"torch{os.sep}optim" not in caller:
+                reads.append(caller)
+            return _original(self)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    steps = 40  # log_every_n_steps and the bar's refresh: every 10
+    module = ImageClassifier(backbone="simple_cnn", num_classes=8, image_size=16)
+    callbacks = run_callbacks()
+    bar = next(c for c in callbacks if isinstance(c, StepMetricsBar))
+    trainer_step_rate(module, make_batches(2, 4, 16, num_classes=8), steps=steps, warmup=1, callbacks=callbacks)
+    # per 10 steps: the logger's write, the bar's train/loss and data_wait, the loss guard's check
+    assert 0 < len(reads) <= (steps + 1) // 10 * 5 + 5  # one read per step would be 41 or more
+    shown = bar.get_metrics(bar.trainer, module)
+    assert isinstance(shown["train/loss"], float) and 0 <= shown["data_wait"] <= 1

@@ -13,7 +13,8 @@ events in the stream instead and reads them a few steps later, once the GPU has 
 synchronisation and no `.item()` per step, so its own cost stays far below 1% of a step.
 
 It logs `feed/data_wait_fraction`, `feed/data_wait_ms`, `feed/step_ms` and `feed/samples_per_s`
-every `log_every_n_steps`, shows the wait share as `data_wait` in the progress bar, and at the end of
+every `log_every_n_steps`, logs the wait share as `data_wait` (for the progress bar, not the logger:
+`train.py`'s bar reads it at its refreshes; `prog_bar=True` would cost a GPU sync every step), and at the end of
 fit prints one line starting with `data feed:` with the verdict and the one change most likely to help.
 The verdict's words (`classify`, and `rate_reading` for loader-only against model-only rates) are the
 ones the benchmark reports too.
@@ -238,7 +239,7 @@ class DataFeedMonitor(Callback):
         }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        pl_module.log("data_wait", fraction, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        pl_module.log("data_wait", fraction, logger=False, on_step=True, on_epoch=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._cuda:

@@ -142,10 +142,11 @@ def trainer_step_rate(
 
 
 def run_callbacks() -> list[L.Callback]:
-    """The callbacks of a default `scripts/train.py` run (its progress bar aside: `logged` adds one)."""
+    """The callbacks of a default `scripts/train.py` run, its progress bar included (it replaces the one
+    `logged` would add)."""
     from project.training import build_callbacks, parse_train_flags  # the run's own wiring, not a copy of it
 
-    return [c for c in build_callbacks(parse_train_flags([])) if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
+    return build_callbacks(parse_train_flags([]))
 
 
 def lightning_overhead(

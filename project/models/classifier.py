@@ -135,13 +135,15 @@ class ImageClassifier(L.LightningModule):
         # accumulate on the device; accuracy is computed once per epoch (a per-step batch value would cost
         # a second computation and more logging every step, for a noisy curve the loss already shows)
         metrics.update(logits, labels)
-        # one curve per name: train/loss per step, val/loss and test/loss per epoch (no _step/_epoch suffixes)
+        # one curve per name: train/loss per step, val/loss and test/loss per epoch (no _step/_epoch suffixes).
+        # Not prog_bar per step: Lightning would read it back to the host after every step (a GPU sync);
+        # train.py's progress bar reads it at each refresh instead.
         self.log(
             f"{stage}/loss",
             loss,
             on_step=training,
             on_epoch=not training,
-            prog_bar=True,
+            prog_bar=not training,
             batch_size=labels.shape[0],
             sync_dist=not training,
         )
