@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from project.data.transforms import RandomResizeRotateFlip, affine_grid, pil_to_chw, resize_rotate_flip
+from project.data.transforms import RandomResizeRotateFlip, linear_grid, pil_to_chw, resize_rotate_flip
 
 
 def smooth_image(width: int, height: int) -> Image.Image:
@@ -72,8 +72,9 @@ def test_a_tensor_and_a_pil_image_give_the_same_augmentation():
     assert torch.equal(from_pil, RandomResizeRotateFlip(64, rotation=30.0, hflip=True)(chw))
 
 
-@pytest.mark.parametrize(("height", "width"), [(7, 7), (5, 9)])
-def test_affine_grid_samples_where_torch_affine_grid_does(height, width):
-    theta = torch.randn(3, 2, 3, generator=torch.Generator().manual_seed(0))
-    expected = torch.nn.functional.affine_grid(theta, [3, 1, height, width], align_corners=False)
-    torch.testing.assert_close(affine_grid(theta, height, width), expected)
+def test_linear_grid_samples_where_torch_affine_grid_does():
+    a, b, d, e = 0.9, -0.3, 0.25, 0.8
+    expected = torch.nn.functional.affine_grid(
+        torch.tensor([[[a, b, 0.0], [d, e, 0.0]]]), [1, 3, 7, 7], align_corners=False
+    )
+    torch.testing.assert_close(linear_grid(a, b, d, e, 7), expected)

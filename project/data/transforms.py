@@ -9,7 +9,10 @@ device. Conversion to float and normalization happen on the device, batched, in
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,38 +43,34 @@ def tensor_train_transform(rotation: float = 0.0, hflip: bool = True) -> Callabl
     return RandomResizeRotateFlip(None, rotation, hflip)
 
 
-def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """`F.affine_grid(theta, (B, C, height, width), align_corners=False)`: the same sampling points, written
-    as one broadcast sum per coordinate into the grid's halves, at a fifth of its CPU cost (it multiplies a
-    `(height * width, 3)` base grid by each theta)."""
-    options = {"dtype": theta.dtype, "device": theta.device}
-    x = (torch.arange(width, **options) * 2 + 1) / width - 1  # output pixel centres in [-1, 1]
-    y = (torch.arange(height, **options) * 2 + 1) / height - 1
-    grid = torch.empty(theta.shape[0], height, width, 2, **options)
-    for i in range(2):  # grid[b, y, x, i] = theta[b, i, 0] x + theta[b, i, 1] y + theta[b, i, 2]
-        along_x = (theta[:, i, 0, None] * x).unsqueeze(1)  # (B, 1, W)
-        along_y = (theta[:, i, 1, None] * y + theta[:, i, 2, None]).unsqueeze(2)  # (B, H, 1)
-        torch.add(along_x, along_y, out=grid[..., i])
-    return grid
-
-
-def rotation_theta(
-    angles: torch.Tensor, flips: torch.Tensor, scale_x: float = 1.0, scale_y: float = 1.0
-) -> torch.Tensor:
-    """`(B, 2, 3)` affines for `affine_grid`: output image i is its input rotated `angles[i]` degrees
-    counter-clockwise about the centre, then mirrored where `flips[i]`; `scale_x`, `scale_y` (at most 1)
-    select the centred part of the input's width and height that the output covers.
+def rotation_matrix(cos: Any, sin: Any, flip: Any, scale_x: float = 1.0, scale_y: float = 1.0) -> tuple:
+    """Rows `(a, b), (d, e)` of the linear map from output to input coordinates, in `grid_sample`'s
+    normalized units, of a rotation by the angle of `cos`, `sin` (counter-clockwise about the centre) and
+    then a mirror where `flip`; `scale_x`, `scale_y` (at most 1) select the centred part of the input's
+    width and height that the output covers. Python numbers or tensors (one entry per image) alike.
 
     Output (x, y) samples input (cos(m x) - sin y, sin(m x) + cos y), m = -1 where mirrored, in pixel
     units relative to the centres (y down): rotate, then mirror, as RandomRotation + RandomHorizontalFlip.
     """
-    radians = torch.deg2rad(angles)
-    mirror = 1.0 - 2.0 * flips.to(angles.dtype)
-    cos, sin = torch.cos(radians), torch.sin(radians)
-    zero = torch.zeros_like(cos)
-    row_x = torch.stack([mirror * cos * scale_x, -sin * scale_x, zero], 1)
-    row_y = torch.stack([mirror * sin * scale_y, cos * scale_y, zero], 1)
-    return torch.stack([row_x, row_y], 1)
+    mirror = 1.0 - 2.0 * flip
+    return (mirror * cos * scale_x, -sin * scale_x), (mirror * sin * scale_y, cos * scale_y)
+
+
+@functools.lru_cache(maxsize=8)
+def pixel_centres(size: int) -> torch.Tensor:
+    """The centres of `size` pixels in [-1, 1] (`align_corners=False`), float32 on the CPU; read only."""
+    return (torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1
+
+
+def linear_grid(a: float, b: float, d: float, e: float, size: int) -> torch.Tensor:
+    """`F.affine_grid([[[a, b, 0], [d, e, 0]]], (1, C, size, size), align_corners=False)`: the same
+    sampling points from one broadcast sum per coordinate, at a fraction of its CPU cost (it multiplies
+    a `(size * size, 3)` base grid by theta)."""
+    centres = pixel_centres(size)
+    grid = torch.empty(1, size, size, 2)
+    torch.add(centres * a, (centres * b).unsqueeze(1), out=grid[0, ..., 0])  # a x + b y
+    torch.add(centres * d, (centres * e).unsqueeze(1), out=grid[0, ..., 1])  # d x + e y
+    return grid
 
 
 def pil_to_chw(image: Image.Image) -> torch.Tensor:
@@ -98,9 +97,10 @@ def resize_rotate_flip(image: torch.Tensor, size: int, angle: float, flip: bool)
         x = F.avg_pool2d(x, factor, ceil_mode=True)  # partial boxes at the edges averaged over what they hold
     h, w = x.shape[-2:]
     short = min(h, w)
-    theta = rotation_theta(torch.tensor([float(angle)]), torch.tensor([flip]), short / w, short / h)
-    out = F.grid_sample(x, affine_grid(theta, size, size), mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out[0].to(torch.uint8)
+    radians = math.radians(angle)
+    (a, b), (d, e) = rotation_matrix(math.cos(radians), math.sin(radians), flip, short / w, short / h)
+    grid = linear_grid(a, b, d, e, size)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0].to(torch.uint8)
 
 
 class RandomResizeRotateFlip:
@@ -130,8 +130,11 @@ def rotate_flip(images: torch.Tensor, angles: torch.Tensor, flips: torch.Tensor)
 
     Bilinear sampling and zero fill outside the source, as the CPU path's `resize_rotate_flip`.
     """
-    theta = rotation_theta(angles.to(images.dtype), flips)
-    grid = affine_grid(theta, *images.shape[-2:])
+    radians = torch.deg2rad(angles.to(images.dtype))
+    (a, b), (d, e) = rotation_matrix(torch.cos(radians), torch.sin(radians), flips.to(images.dtype))
+    zero = torch.zeros_like(a)
+    theta = torch.stack([torch.stack([a, b, zero], 1), torch.stack([d, e, zero], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
