@@ -105,3 +105,25 @@ def test_worker_count_warning_is_silenced_but_other_possible_user_warnings_are_n
         data_connector._worker_check(trainer, loader, "train_dataloader")
         warnings.warn("The 'val_dataloader' has a sampler that drops samples.", PossibleUserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["The 'val_dataloader' has a sampler that drops samples."]
+
+
+def test_iterable_dataset_length_warning_is_silenced() -> None:
+    from lightning.pytorch.utilities.data import has_len_all_ranks
+
+    class Sized(torch.utils.data.IterableDataset):  # as litdata's StreamingDataset: iterable, with a length
+        def __iter__(self):
+            return iter(torch.zeros(4, 1))
+
+        def __len__(self) -> int:
+            return 4
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    loader = DataLoader(Sized())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        has_len_all_ranks(loader, trainer.strategy)
+        assert any("`IterableDataset` has `__len__`" in str(w.message) for w in caught)  # the real warning
+        caught.clear()
+        configure_console()
+        has_len_all_ranks(loader, trainer.strategy)
+    assert not caught, [str(w.message) for w in caught]

@@ -21,6 +21,10 @@ NOISY_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     (r"The '\w+' does not have many workers", UserWarning),
     # tiny runs (--limit_train_batches, small folders) simply have fewer steps than the logging interval
     (r"The number of training batches \(\d+\) is smaller than the logging interval", UserWarning),
+    # the one IterableDataset this template builds is litdata's StreamingDataset, which splits its samples
+    # between ranks and workers itself, so its length is right (a warning about an own IterableDataset given
+    # through --datamodule is silenced too: check that it shards by worker)
+    (r"Your `IterableDataset` has `__len__` defined", UserWarning),
     # raised inside Lightning about its own use of torch's pytree API; nothing a user can change
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
     # train.py keeps two checkpoints on purpose (best by val/acc, then last) and lists the best one first,
