@@ -47,7 +47,7 @@ from project.data import ImageDataModule
 from project.data.streaming import is_url
 from project.feed.throughput import auto_num_workers
 from project.models import ImageClassifier, available_backbones
-from project.runtime.checkpoints import AtomicCheckpointIO, model_checkpoint, resolve_ckpt_path
+from project.runtime.checkpoints import AtomicCheckpointIO, check_resumable, model_checkpoint, resolve_ckpt_path
 from project.runtime.console import configure_console
 from project.runtime.faults import clear_failures
 
@@ -332,6 +332,8 @@ def train(values: dict[str, Any]) -> dict[str, Any]:
         model = build_model(values, datamodule)
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None
+    if ckpt_path:
+        check_resumable(ckpt_path, model.hparams)
 
     if values.get("num_workers") == "auto":
         auto_num_workers(datamodule, model, trainer)

@@ -238,3 +238,23 @@ def test_skip_bad_images_trains_reports_and_logs_them(tmp_path, capsys, lightnin
     assert run(train_argv(data, tmp_path, "--skip_bad_images", "--max_bad_fraction", "0.01")) == 1
     line = one_line(capsys)
     assert "unreadable" in line and "--max_bad_fraction 0.01" in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", ["backbone", "classes"])
+def test_resuming_with_another_backbone_or_other_classes_is_one_line(tmp_path, capsys, change):
+    data = tmp_path / "data"
+    image_folder(data / "train")
+    image_folder(data / "val", per_class=3)
+    assert run(train_argv(data, tmp_path)) == 0
+    last = next(tmp_path.rglob("last.ckpt"))
+    capsys.readouterr()
+    if change == "classes":  # the same number of classes under other names: the labels would mean something else
+        for split in ("train", "val"):
+            (data / split / "b").rename(data / split / "z")
+        argv = train_argv(data, tmp_path, "--ckpt_path", str(last))
+    else:
+        argv = train_argv(data, tmp_path, "--ckpt_path", str(last), "--backbone", "resnet18")
+    assert run(argv) == 2
+    line = one_line(capsys)
+    assert str(last) in line and ("backbone 'simple_cnn'" in line if change == "backbone" else "class_names" in line)

@@ -19,7 +19,7 @@ import sys
 import uuid
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -150,6 +150,32 @@ def load_checkpoint_safely(path: str | os.PathLike, flag: str = "--checkpoint") 
             f"{' and '.join(HPARAMS)}, which train.py's checkpoints carry"
         )
     return checkpoint
+
+
+# what a resumed run cannot change, and what to change back: the weights' shapes and the labels' meaning
+FIXED_ON_RESUME = {
+    "backbone": "--backbone",
+    "num_classes": "the data's classes",
+    "class_names": "the data's classes",
+}
+
+
+def check_resumable(path: str | os.PathLike, hparams: Mapping[str, Any], flag: str = "--ckpt_path") -> None:
+    """`UsageError` in one line when the run's model differs from checkpoint `path`'s in what resuming
+    cannot change (Lightning would fail with a traceback over mismatched weights, or, for renamed classes
+    of the same count, resume with labels that mean something else)."""
+    saved = load_checkpoint_safely(path, flag)["hyper_parameters"]
+    for key, remedy in FIXED_ON_RESUME.items():
+        if key not in saved or key not in hparams:
+            continue
+        was, now = saved[key], hparams[key]
+        if key == "class_names":  # a list in one, a tuple in the other is the same classes
+            was, now = list(was), list(now)
+        if was != now:
+            raise UsageError(
+                f"{flag}: {str(path)!r} was trained with {key} {was!r}, this run has {now!r}; "
+                f"resume with the same {remedy}, or start fresh without --ckpt_path"
+            )
 
 
 def load_classifier(path: str | os.PathLike, flag: str = "--checkpoint") -> ImageClassifier:
