@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import numpy as np
@@ -48,8 +48,9 @@ from project.data.transforms import (
 )
 
 BUILTIN_DIR = "data/shapes"  # relative to the working directory, like lightning_logs/
-SAMPLERS = ("random", "balanced")
-AUGMENT_ON = ("auto", "cpu", "device")
+Sampler = Literal["random", "balanced"]
+AugmentOn = Literal["auto", "cpu", "device"]
+SAMPLERS, AUGMENT_ON = get_args(Sampler), get_args(AugmentOn)  # checked in __init__ for calls from Python
 # value ranges the flags enforce (a bad value is a one-line usage error naming the flag)
 Degrees = restricted_number_type("Degrees", float, [(">=", 0), ("<=", 180)])
 Seed = restricted_number_type("Seed", int, [(">=", 0), ("<=", 2**32 - 1)])
@@ -135,14 +136,14 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: NonNegativeInt | Literal["auto"] = 2,
         drop_last: bool = False,
         shuffle: bool = True,
-        sampler: Literal["random", "balanced"] = "random",
+        sampler: Sampler = "random",
         collate_fn: Callable | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         prefetch_factor: PositiveInt | None = None,
         rotation: Degrees = 15.0,
         hflip: bool = True,
-        augment_on: Literal["auto", "cpu", "device"] = "auto",
+        augment_on: AugmentOn = "auto",
         decode_on: Literal["cpu", "device"] = "cpu",
         cache: bool = False,
         cache_dir: str | None = None,
