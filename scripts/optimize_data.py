@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 from project.cli import Parser, UsageError, positive_int  # noqa: E402
 from project.data import ImageDataModule  # noqa: E402
 from project.data.folder import BadImageError  # noqa: E402
-from project.data.streaming import optimize_datamodule  # noqa: E402
+from project.tools.streaming_writer import optimize_datamodule  # noqa: E402
 
 
 def parser() -> Parser:

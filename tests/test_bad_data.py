@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import PILToTensor
 
 from project.data import ImageDataModule, ImageFolderDataset
-from project.data.folder import BadImageError, BadImages, SkipBadCollate, load_image
+from project.data.folder import BadImageError, BadImages, SkipBadCollate, SkipBadImages, load_image
 from tests.conftest import load_script, write_image
 
 
@@ -80,21 +80,38 @@ def test_worker_error_names_the_file_in_one_line(tmp_path):
 def test_skip_mode_substitutes_the_next_readable_image_and_reports_it(tmp_path):
     root = image_folder(tmp_path / "train")
     bad = spoil(root / "a" / "5.jpg", "garbage")  # the last of class a: its stand-in is b/0.jpg
-    dataset = tensor_dataset(root, skip_bad_images=True)
+    dataset = SkipBadImages(tensor_dataset(root))
     image, target, report = dataset[5]
-    expected, expected_target = dataset[6]
+    expected, expected_target, nothing = dataset[6]
     assert torch.equal(image, expected) and target == expected_target == 1
-    assert report == BadImages((str(bad),))
+    assert report == BadImages((str(bad),)) and nothing == BadImages(())
 
     batch = SkipBadCollate()([dataset[4], dataset[5], dataset[6]])
     images, labels, report = batch
     assert images.shape == (3, 3, 16, 16) and labels.tolist() == [0, 1, 1]  # the batch keeps its size
     assert report.paths == (str(bad),)
-    assert len(SkipBadCollate()([dataset[0], dataset[1]])) == 2  # nothing extra when all is well
+    assert SkipBadCollate()([dataset[0], dataset[1]])[2] == BadImages(())  # an empty report when all is well
 
     dm = ImageDataModule(root.parent, skip_bad_images=True, num_workers=0)
     out = dm.on_after_batch_transfer(batch, 0)
     assert len(out) == 2 and dm.bad_images == [str(bad)]  # counted in the main process, batch as usual
+
+
+def test_skip_mode_works_for_your_own_dataset_naming_its_file(tmp_path):
+    """Any map-style dataset is skipped through, whatever its decoder raises; the name comes from `samples`."""
+
+    class Listed(torch.utils.data.Dataset):
+        samples = [("good.jpg", 0), ("broken.jpg", 1), ("good2.jpg", 0)]
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, index):
+            if index == 1:
+                raise OSError("cannot identify image file")
+            return torch.zeros(3, 2, 2, dtype=torch.uint8), 0
+
+    assert SkipBadImages(Listed())[1][2] == BadImages(("broken.jpg",))
 
 
 @pytest.fixture()

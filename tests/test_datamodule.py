@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import RandomSampler, SequentialSampler, WeightedRandomSampler
 
 from project.data import ImageDataModule, generate_shapes
-from project.data.datamodule import stratified_split
+from project.data.sources import stratified_split
 from tests.conftest import write_image
 
 

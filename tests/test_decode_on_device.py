@@ -8,12 +8,15 @@ from __future__ import annotations
 import os
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
+from torchvision.io import decode_jpeg
 
 from project.data import ImageDataModule
-from project.data.encoded import EncodedImageDataset, collate_encoded, decode_batch
+from project.data.encoded import DecodeBatch, EncodedImageFolder, collate_encoded
 from project.data.folder import ImageFolderDataset, load_image
 from project.data.transforms import eval_transform
 from project.models import ImageClassifier
@@ -31,9 +34,13 @@ def mixed_folder(root, size=(80, 60)):
     return root
 
 
+def encoded(root, size: int) -> EncodedImageFolder:
+    return EncodedImageFolder(root, transform=eval_transform(size))
+
+
 def test_workers_hand_over_jpeg_bytes_and_decode_other_formats(tmp_path):
     source = ImageFolderDataset(mixed_folder(tmp_path / "data"))
-    dataset = EncodedImageDataset(source, transform=eval_transform(32))
+    dataset = encoded(tmp_path / "data", 32)
     kinds = {}
     for i in range(len(dataset)):
         data, target = dataset[i]
@@ -47,7 +54,7 @@ def test_workers_hand_over_jpeg_bytes_and_decode_other_formats(tmp_path):
 
 
 def test_collate_keeps_variable_length_bytes_as_a_list(tmp_path):
-    dataset = EncodedImageDataset(ImageFolderDataset(mixed_folder(tmp_path / "data")), transform=eval_transform(32))
+    dataset = encoded(mixed_folder(tmp_path / "data"), 32)
     images, labels = next(iter(DataLoader(dataset, batch_size=5, collate_fn=collate_encoded, num_workers=1)))
     assert isinstance(images, list) and len(images) == 5 and labels.shape == (5,) and labels.dtype == torch.int64
     assert len({x.numel() for x in images if x.ndim == 1}) > 1  # JPEG sizes differ: no stacking possible
@@ -55,9 +62,9 @@ def test_collate_keeps_variable_length_bytes_as_a_list(tmp_path):
 
 def test_decoded_batch_matches_the_cpu_pipeline(tmp_path):
     source = ImageFolderDataset(mixed_folder(tmp_path / "data", size=(120, 90)))
-    dataset = EncodedImageDataset(source, transform=eval_transform(48))
+    dataset = encoded(tmp_path / "data", 48)
     images, _ = collate_encoded([dataset[i] for i in range(len(dataset))])
-    batch = decode_batch(images, 48, "cpu")
+    batch = DecodeBatch(48)(images, "cpu")
     assert batch.shape == (len(dataset), 3, 48, 48) and batch.dtype == torch.uint8
     expected = torch.stack([eval_transform(48)(load_image(path)) for path, _ in source.samples])
     assert (batch.float() - expected.float()).abs().mean() < 4  # decoders and resize kernels differ slightly
@@ -88,7 +95,7 @@ def test_a_training_run_decodes_on_the_device_side_of_the_loader(tmp_path):
         callbacks=[Record()],
     )
     trainer.fit(model, datamodule=datamodule)
-    assert isinstance(datamodule.train_set, EncodedImageDataset) and datamodule.device_transform.rotation == 20
+    assert isinstance(datamodule.train_set, EncodedImageFolder) and datamodule.device_transform.rotation == 20
     assert seen and all(batch.shape[1:] == (3, 32, 32) and batch.dtype == torch.float32 for batch in seen)
     assert trainer.global_step == len(seen) == 2  # 8 images in batches of 4
 
@@ -104,7 +111,40 @@ def test_the_command_line_refuses_device_decoding_without_cuda(tmp_path, capsys)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_nvjpeg_decodes_like_the_cpu(tmp_path):
-    source = ImageFolderDataset(mixed_folder(tmp_path / "data", size=(120, 90)))
-    images, _ = collate_encoded([EncodedImageDataset(source, eval_transform(48))[i] for i in range(len(source))])
-    on_gpu = decode_batch(images, 48, "cuda")
-    assert on_gpu.is_cuda and (on_gpu.cpu().float() - decode_batch(images, 48, "cpu").float()).abs().mean() < 3
+    dataset = encoded(mixed_folder(tmp_path / "data", size=(120, 90)), 48)
+    images, _ = collate_encoded([dataset[i] for i in range(len(dataset))])
+    on_gpu = DecodeBatch(48)(images, "cuda")
+    assert on_gpu.is_cuda and (on_gpu.cpu().float() - DecodeBatch(48)(images, "cpu").float()).abs().mean() < 3
+
+
+def exif_jpeg(path, orientation: int, size=(64, 40)):
+    """A JPEG whose pixels are stored sideways (or mirrored) with the EXIF tag saying how to show them."""
+    array = torch.zeros(size[1], size[0], 3, dtype=torch.uint8)
+    array[: size[1] // 4, : size[0] // 3] = torch.tensor([250, 20, 20], dtype=torch.uint8)  # a red top-left block
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array.numpy()).save(path, quality=95, exif=exif)
+    return path
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torchvision.io's decoders are deprecated
+def test_device_decoding_turns_images_upright_as_the_cpu_path_does(tmp_path, orientation):
+    """A phone photo trains upright on either path: a JPEG whose EXIF tag turns it is decoded in the worker, as
+    load_image decodes it on the CPU path, whichever decoder the device would use."""
+    exif_jpeg(tmp_path / "data" / "a" / "x.jpg", orientation)
+    dataset = EncodedImageFolder(tmp_path / "data", transform=eval_transform(40))
+    data, _ = dataset[0]
+    assert (data.ndim == 1) == (orientation == 1)  # upright JPEGs still travel as bytes
+    decode = DecodeBatch(40)
+    decode._decode = lambda jpegs, device: [decode_jpeg(x) for x in jpegs]  # ignores the tag, as nvJPEG does
+    decoded = decode([data], "cpu")[0]
+    expected = eval_transform(40)(load_image(tmp_path / "data" / "a" / "x.jpg"))
+    assert (decoded.float() - expected.float()).abs().mean() < 3, "orientation differs from the CPU path"
+
+
+def test_torchcodec_decodes_when_installed_with_the_same_pixels_as_torchvision(tmp_path):
+    decoders = pytest.importorskip("torchcodec.decoders")
+    data = torch.from_numpy(np.fromfile(exif_jpeg(tmp_path / "x.jpg", 1), dtype=np.uint8))
+    assert torch.equal(decoders.decode_jpeg([data], mode="RGB")[0], decode_jpeg(data))

@@ -1,17 +1,30 @@
-"""Everything about data: the Dataset, transforms, the DataModule and the built-in dataset."""
+"""Everything about data: the Dataset, transforms, the sources, the DataModule and the built-in dataset."""
 
 from project.data.builtin import generate_shapes
 from project.data.datamodule import ImageDataModule
 from project.data.files import ImageFileDataset
 from project.data.folder import IMG_EXTENSIONS, ImageFolderDataset
-from project.data.streaming import is_streaming_source, optimize_datamodule
+from project.data.sources import (
+    DataSource,
+    DecodedCacheSource,
+    EncodedJpegSource,
+    ImageFolderSource,
+    OwnDatasetsSource,
+    StreamingSource,
+)
+from project.data.streaming import is_streaming_source
 
 __all__ = [
     "IMG_EXTENSIONS",
+    "DataSource",
+    "DecodedCacheSource",
+    "EncodedJpegSource",
     "ImageDataModule",
     "ImageFileDataset",
     "ImageFolderDataset",
+    "ImageFolderSource",
+    "OwnDatasetsSource",
+    "StreamingSource",
     "generate_shapes",
     "is_streaming_source",
-    "optimize_datamodule",
 ]

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from project.data.folder import BadImages, SampleList, bad_image_error, is_image_file, load_image, walk_files
+from project.data.folder import BadImageError, BadImages, SampleList, is_image_file, load_image, walk_files
 
 
 def list_images(inputs: Sequence[str | os.PathLike]) -> list[str]:
@@ -58,9 +58,9 @@ class ImageFileDataset(torch.utils.data.Dataset):
         path = self.samples.path(index)
         try:
             image = load_image(path, self.decode_min_size)
-        except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
+        except BadImageError:
             if not self.skip_bad_images:
-                raise bad_image_error(path, error) from error
+                raise
             # a stand-in from another file would duplicate that file's row; a blank one is dropped by path
             placeholder = Image.new("RGB", (1, 1))
             image = self.transform(placeholder) if self.transform is not None else placeholder

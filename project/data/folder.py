@@ -7,7 +7,7 @@ that `ImageDataModule` builds.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -26,6 +26,10 @@ class BadImageError(RuntimeError):
     Raised in a DataLoader worker, PyTorch re-raises it in the main process with the worker's
     traceback as its message; `summary` is the one line that names the file.
     """
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
     @property
     def summary(self) -> str:
@@ -150,60 +154,74 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | IO[bytes], min_size: int | None = None) -> Image.Image:
+def load_image(path: str | IO[bytes], min_size: int | None = None, name: str | None = None) -> Image.Image:
     """Decode `path` (a file name or an open binary file) to an RGB PIL image, EXIF orientation applied.
 
     With `min_size`, JPEGs are decoded DCT-scaled (PIL `draft`) to the smallest of 1/1, 1/2, 1/4, 1/8
     whose sides are still >= `min_size`: a 1024 px JPEG wanted at 224 px decodes ~3x faster.
+    Any failure is a `BadImageError` naming the file (`name`, else `path`).
     """
-    with Image.open(path) as image:
-        if min_size and image.format == "JPEG":
-            image.draft("RGB", (min_size, min_size))
-        image.load()  # pixels in memory: the image outlives the file
-        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of every image without a rotation
-        return image if image.mode == "RGB" else to_rgb(image)
+    try:
+        with Image.open(path) as image:
+            if min_size and image.format == "JPEG":
+                image.draft("RGB", (min_size, min_size))
+            image.load()  # pixels in memory: the image outlives the file
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of every image without a rotation
+            return image if image.mode == "RGB" else to_rgb(image)
+    except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
+        name = name or str(path)
+        raise BadImageError(
+            f"cannot read image {name!r} ({type(error).__name__}: {error}); "
+            "fix or delete the file, or pass --skip_bad_images to skip unreadable files",
+            name,
+        ) from error
 
 
-def bad_image_error(path: str, error: BaseException) -> BadImageError:
-    return BadImageError(
-        f"cannot read image {path!r} ({type(error).__name__}: {error}); "
-        "fix or delete the file, or pass --skip_bad_images to skip unreadable files"
-    )
+class SkipBadImages(torch.utils.data.Dataset):
+    """Any map-style dataset of `(image, label)` whose unreadable items are stood in for by the next readable one.
+
+    Item `i` is `(image, label, BadImages(paths))`, `paths` naming what was skipped (usually nothing), so the main
+    process can count them (workers cannot share a counter with it). A stand-in keeps batch sizes (and DDP
+    ranks' batch counts) unchanged; the next index rather than a random one keeps seeded runs reproducible.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _name(self, index: int, error: Exception) -> str:
+        if isinstance(error, BadImageError) and error.path:
+            return error.path
+        samples = getattr(self.dataset, "samples", None)  # your own dataset: its file, when it lists them
+        return str(samples[index][0]) if samples is not None else f"{type(self.dataset).__name__}[{index}]"
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, BadImages]:
+        bad: list[str] = []
+        for offset in range(len(self)):
+            item = (index + offset) % len(self)
+            try:
+                image, target = self.dataset[item]
+            except Exception as error:  # your own dataset raises whatever its decoder raises
+                bad.append(self._name(item, error))
+                continue
+            return image, target, BadImages(tuple(bad))
+        raise BadImageError(f"cannot read image {bad[0]!r}, nor any other image of the dataset", bad[0])
 
 
 class SkipBadCollate:
-    """Collate for datasets that skip unreadable images: batches them with `collate_fn` as usual and,
-    when some samples stand in for unreadable files, appends `BadImages(paths)` to the batch so the
-    main process can count them (workers cannot share a counter with it).
+    """Collate for datasets that report skipped images (`SkipBadImages`, prediction's `ImageFileDataset`):
+    batches the samples with `collate_fn` as usual and appends one `BadImages` naming every file skipped in
+    the batch (often none).
     """
 
     def __init__(self, collate_fn: Callable | None = None) -> None:
         self.collate_fn = collate_fn or default_collate
 
     def __call__(self, samples: Sequence[tuple]) -> Any:
-        bad: list[str] = []
-        clean = []
-        for sample in samples:
-            if len(sample) == 3 and isinstance(sample[2], BadImages):
-                bad.extend(sample[2].paths)
-                sample = sample[:2]
-            clean.append(sample)
-        batch = self.collate_fn(clean)
-        return (*batch, BadImages(tuple(bad))) if bad else batch
-
-
-def folder_summary(datasets: Mapping[str, ImageFolderDataset | None]) -> str:
-    """One line: images per split, classes, and the non-image files that were ignored."""
-    present = {name: d for name, d in datasets.items() if d is not None}
-    if not present:
-        return "data: no datasets"
-    sizes = ", ".join(f"{name} {len(d)}" for name, d in present.items())
-    skipped = {d.root: d.skipped_files for d in present.values()}  # a split-off val shares train's folder
-    classes = len(next(iter(present.values())).classes)
-    line = f"data: {sizes} images in {classes} classes"
-    if sum(skipped.values()):
-        line += f"; ignored {sum(skipped.values())} non-image files (extensions: {', '.join(IMG_EXTENSIONS)})"
-    return line
+        bad = [path for sample in samples if len(sample) == 3 for path in sample[2].paths]
+        return (*self.collate_fn([sample[:2] for sample in samples]), BadImages(tuple(bad)))
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -214,8 +232,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         transform: applied to the decoded RGB PIL image.
         classes: the class list to enforce (a val/test split must have exactly train's classes).
         decode_min_size: decode JPEGs at reduced scale, never below this size (see `load_image`).
-        skip_bad_images: an unreadable file raises `BadImageError` naming it (default); with True the
-            next readable sample stands in for it and the sample carries `BadImages` (see `SkipBadCollate`).
+
+    An unreadable file raises `BadImageError` naming it; `SkipBadImages` skips such files instead.
     """
 
     def __init__(
@@ -224,10 +242,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         transform: Callable[[Image.Image], Any] | None = None,
         classes: Sequence[str] | None = None,
         decode_min_size: int | None = None,
-        skip_bad_images: bool = False,
     ) -> None:
         self.root = Path(root)
-        self.skip_bad_images = skip_bad_images
         found = find_classes(self.root)
         if classes is not None and list(classes) != found:
             missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
@@ -264,20 +280,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Any, ...]:
-        bad: list[str] = []
-        # a stand-in keeps batch sizes (and DDP ranks' batch counts) unchanged; the next index rather than
-        # a random one keeps seeded runs reproducible
-        for offset in range(len(self)):
-            path, target = self.samples[(index + offset) % len(self)]
-            try:
-                image = load_image(path, self.decode_min_size)
-            except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
-                if not self.skip_bad_images:
-                    raise bad_image_error(path, error) from error
-                bad.append(path)
-                continue
-            if self.transform is not None:
-                image = self.transform(image)
-            return (image, target, BadImages(tuple(bad))) if bad else (image, target)
-        raise BadImageError(f"cannot read image {bad[0]!r}, nor any other image in {str(self.root)!r}")
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, target = self.samples[index]
+        image = load_image(path, self.decode_min_size)
+        return (self.transform(image) if self.transform is not None else image), target

@@ -249,11 +249,9 @@ class DataFeedMonitor(Callback):
             steps, samples, wait_s, step_s = self._window
         datamodule = trainer.datamodule
         loader = trainer.train_dataloader
-        settings = getattr(datamodule, "hparams", {})
-        num_workers = getattr(loader, "num_workers", settings.get("num_workers"))
-        augment_on = None
-        if datamodule is not None and hasattr(datamodule, "resolved_augment_on"):
-            augment_on = datamodule.resolved_augment_on()
+        settings = getattr(datamodule, "hparams", {})  # any LightningDataModule; ImageDataModule's surface below
+        num_workers = getattr(loader, "num_workers", None)
+        source = getattr(datamodule, "source", None)
         total = wait_s + step_s
         fraction = wait_s / total if total > 0 else 0.0
         verdict, advice = recommend(
@@ -263,8 +261,8 @@ class DataFeedMonitor(Callback):
             num_workers=num_workers if isinstance(num_workers, int) else None,
             max_workers=worker_budget(max(1, trainer.num_devices)),
             on_accelerator=trainer.strategy.root_device.type != "cpu",
-            augment_on=augment_on,
-            cached=bool(settings.get("cache", False)) or bool(getattr(datamodule, "streaming", False)),
+            augment_on=getattr(datamodule, "augment_on", None),
+            cached=getattr(source, "stores_decoded", False),
             decode_on=settings.get("decode_on"),
         )
         self.summary = FeedSummary(steps, samples, wait_s, step_s, verdict, advice)

@@ -38,7 +38,8 @@ from torchvision import transforms as T
 from project.data.builtin import generate_shapes
 from project.data.datamodule import ImageDataModule
 from project.data.folder import load_image
-from project.data.streaming import is_streaming_source, optimize_datamodule
+from project.data.streaming import is_streaming_source
+from project.tools.streaming_writer import optimize_datamodule
 from project.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomResizeRotateFlip
 from project.feed.throughput import (
     Rate,

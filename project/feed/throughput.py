@@ -388,23 +388,19 @@ def sweep_workers(
 def auto_num_workers(
     datamodule, model: nn.Module, trainer, batches: int = 10, max_seconds: float = 2.0, verbose: bool = True
 ) -> int:
-    """Resolve `--num_workers auto` before fit: sweep the training loader, time the model, pick, report.
+    """Measure for `--num_workers auto` before fit: sweep the training loader, time the model, report, return
+    the count to use (the training run sets it on the DataModule).
 
-    `datamodule` is an `ImageDataModule`, which keeps its settings in `hparams` (its loaders read
-    `hparams.num_workers`, set here to the choice); `trainer` gives the device, precision and device
-    count. Prints the measurements, the chosen count and the best one with their expected training
-    rates, and logs them as `feed/auto_loader_img_per_s` (step = num_workers), `feed/auto_model_img_per_s`
-    and `feed/num_workers`.
+    `datamodule` is an `ImageDataModule`, set up with `trainer` attached, as fit will see it (where augmentation
+    runs, pinned memory); its `loader(dataset, train, num_workers)` builds each candidate loader. `trainer`
+    gives the device, precision and device count. Prints the measurements, the chosen count and the best one
+    with their expected training rates, and logs them as `feed/auto_loader_img_per_s` (step = num_workers),
+    `feed/auto_model_img_per_s` and `feed/num_workers`.
     """
     start = time.perf_counter()
     devices = max(1, trainer.num_devices)
     budget = worker_budget(devices)
     settings = datamodule.hparams
-    # attached now, as fit will attach it: setup and the loaders then see the real device (where the
-    # augmentation runs, pinned memory) and measure the pipeline training will use
-    datamodule.trainer = trainer
-    settings["num_workers"] = budget  # a cache built during setup may use every worker allowed
-    datamodule.setup("fit")
     device = trainer.strategy.root_device
     model_rate = measure_model(
         model,
@@ -419,15 +415,13 @@ def auto_num_workers(
     ).per_s
 
     def make_loader(n: int) -> DataLoader:
-        settings["num_workers"] = n
-        return datamodule.train_dataloader()
+        return datamodule.loader(datamodule.train_set, train=True, num_workers=n)
 
     rates = sweep_workers(
         make_loader, candidate_workers(budget), model_rate=model_rate, batches=batches, max_seconds=max_seconds
     )
     chosen, best = choose_workers(rates, model_rate), best_workers(rates, model_rate)
     expected = expected_rates(rates, model_rate)
-    settings["num_workers"] = chosen
     if verbose and trainer.is_global_zero:
         measured = ", ".join(f"{n}: {rate:.0f}" for n, rate in rates.items())
         print(

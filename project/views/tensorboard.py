@@ -40,11 +40,9 @@ def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
 
 def normalization(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Sequence[float], Sequence[float]]:
     """Mean and std the batches were normalized with: the DataModule's, else the model's saved preprocessing."""
-    datamodule = trainer.datamodule
-    for source in (getattr(datamodule, "hparams", None), pl_module.hparams):
-        mean, std = getattr(source, "mean", None), getattr(source, "std", None)
-        if mean is not None and std is not None:
-            return mean, std
+    for source in (getattr(trainer.datamodule, "preprocessing", None), pl_module.hparams):
+        if source and source.get("mean") is not None and source.get("std") is not None:
+            return source["mean"], source["std"]
     return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 
 
