@@ -20,7 +20,8 @@ from PIL import Image
 
 import project.training as training
 from project.data import ImageDataModule
-from project.data.streaming import StreamingDataset, encode_image, is_streaming_source
+from project.data.streaming import StreamingDataset, is_streaming_source
+from project.tools.streaming_writer import encode_image
 from tests.conftest import ROOT, load_script, write_image
 
 TINY_RUN = ["--image_size", "32", "--accelerator", "cpu", "--no-feed_monitor"]
@@ -49,7 +50,7 @@ def test_optimize_writes_every_split_its_classes_and_a_shuffled_order(streamed, 
     assert metadata["image_size"] == 256
     assert is_streaming_source(str(streamed)) and not is_streaming_source(str(tiny_shapes))
     dm = ImageDataModule(str(streamed))
-    assert dm.streaming and dm.has_test
+    assert dm.source.name == "streaming" and dm.has_test
     assert dm.classes == metadata["classes"] == ImageDataModule(str(tiny_shapes)).classes
 
     stored = StreamingDataset(str(streamed / "train"))  # in stored order

@@ -163,18 +163,25 @@ def build_lock(path: Path) -> Iterator[None]:
         except FileExistsError:
             with suppress(FileNotFoundError):
                 pid, _, host = lock.read_text().partition(" ")
-                if host == socket.gethostname() and pid.isdigit() and not is_alive(int(pid)):
-                    lock.unlink(missing_ok=True)  # its builder died: nobody will release it
+                dead = host == socket.gethostname() and pid.isdigit() and not is_alive(int(pid))
+                unwritten = not pid and time.time() - lock.stat().st_mtime > 10  # killed between create and write
+                if dead or unwritten:  # nobody will release it; renamed first, so one waiter alone takes it over
+                    claimed = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
+                    lock.rename(claimed)
+                    claimed.unlink()
                     continue
                 if not said:
-                    rank_zero_info(f"cache {path}: waiting for process {pid} on {host or '?'}, which is building it")
+                    rank_zero_info(
+                        f"cache {path}: waiting for process {pid or '?'} on {host or '?'}, which is building it "
+                        f"(remove {lock} if that process is gone)"
+                    )
                     said = True
             time.sleep(LOCK_POLL_S)
             continue
+        break
+    try:  # the lock is ours from here on: a failed write (a full disk) must not leave it empty, held forever
         with os.fdopen(fd, "w") as f:
             f.write(me)
-        break
-    try:
         yield
     finally:
         lock.unlink(missing_ok=True)
@@ -184,7 +191,8 @@ def check_free_space(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise OSError(
-            f"cache: {folder} has {free:,} bytes free, the cache needs {needed:,}; free space or pass --cache_dir"
+            errno.ENOSPC,
+            f"cache: {folder} has {free:,} bytes free, the cache needs {needed:,}; free space or pass --cache_dir",
         )
 
 
@@ -225,7 +233,8 @@ def build_cache(
         os.replace(tmp, path)
     except OSError as error:
         if error.errno == errno.ENOSPC:
-            raise OSError(f"cache: the disk of {path.parent} filled up while writing {path.name}; free space") from None
+            message = f"cache: the disk of {path.parent} filled up while writing {path.name}; free space"
+            raise OSError(errno.ENOSPC, message) from None  # the errno: how the run's fault handling tells it
         raise
     finally:
         tmp.unlink(missing_ok=True)
