@@ -1,33 +1,31 @@
 """Command-line flags: derived from the signatures they set, so a constructor parameter is the whole change.
 
-`flag_parser` turns classes (the DataModule, `ImageClassifier`, the run's own options) and a few Trainer
-arguments into flat flags: the name is the parameter's, the type hint checks the value, the default is
-shown in `--help` and the `Args:` line of the docstring is the help (jsonargparse reads all three). A
-name that several classes take (`seed`, `channels_last`) is one flag that sets all of them.
-`--config FILE` loads flags from YAML (flags typed after it win); `--print_config` prints them.
-Every usage error is one line on stderr naming the flag, exit code 2, no traceback.
-
-`Parser` is plain argparse with the same one-line errors, for the small scripts (predict, export, ...).
+`flag_parser` makes flat flags from classes with jsonargparse: the parameter's name, its type hint (which checks
+the value), its default (shown in `--help`) and its docstring `Args:` line (the help); `**kwargs` passed on to a
+base class are followed into it. Yes/no flags take `--cache`, `--no_cache` or `--cache true|false`, every flag
+takes hyphens (`--max-epochs`), `--config FILE` loads flags from YAML and `--print_config` prints them. A usage
+error is one line on stderr naming the flag, exit code 2. `Parser` is plain argparse with the same one-line
+errors, for the small scripts (predict, export, ...).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
-import inspect
 import re
 import sys
-import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn, get_args
 
 import jsonargparse
 import yaml
 
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
-PRECISIONS = ("auto", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "64-true", "64")
-BOOLEAN_WORDS = {"true", "false", "yes", "no", "null", "none", "1", "0", "on", "off"}
+Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"]
+Precision = Literal["auto", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "64-true", "64"]
+ACCELERATORS = get_args(Accelerator)
+PRECISIONS = get_args(Precision)
 
 
 class UsageError(Exception):
@@ -56,7 +54,14 @@ class Parser(argparse.ArgumentParser):
 
 
 class FlagParser(jsonargparse.ArgumentParser):
-    """jsonargparse's parser (flags from signatures and docstrings) with one-line errors."""
+    """jsonargparse's parser (flags from signatures and docstrings) with yes/no switches and one-line errors."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> Any:
+        # jsonargparse copies this method into its argument groups, where the class arguments land
+        if kwargs.get("type") is bool:  # --cache, --no_cache, --cache true|false
+            kwargs.pop("type")
+            kwargs.update(action=jsonargparse.ActionYesNo, nargs="?")
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:  # type: ignore[override]
         print(f"{self.prog}: error: {one_line(message)} (see --help)", file=sys.stderr)
@@ -88,108 +93,30 @@ def import_class(path: str) -> type:
         raise UsageError(f"cannot import {path!r} ({error}); give module.Class, importable from here") from None
 
 
-def is_switch(annotation: Any) -> bool:
-    """Whether a parameter is a yes/no flag (bool, or bool | None)."""
-    return annotation is bool or (set(typing.get_args(annotation)) - {type(None)} == {bool})
-
-
-def constructors(cls: type) -> list[Any]:
-    """`cls.__init__` and, while it passes `**kwargs` on, its bases' (as jsonargparse follows them)."""
-    found = []
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass) and klass is not object:
-            found.append(klass.__init__)
-            if not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(klass.__init__).parameters.values()):
-                break
-    return found
-
-
-def parameters(cls: type) -> set[str]:
-    """The keyword names `cls(...)` takes, through `**kwargs` passed on to its base classes."""
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {
-        name
-        for init in constructors(cls)
-        for name, p in inspect.signature(init).parameters.items()
-        if p.kind in kinds and name != "self"
-    }
-
-
-def switches(classes: Iterable[type]) -> set[str]:
-    """The yes/no flags among the constructors' parameters."""
-    return {
-        name
-        for cls in classes
-        for init in constructors(cls)
-        for name, hint in typing.get_type_hints(init).items()
-        if name != "return" and is_switch(hint)
-    }
-
-
-def normalize_argv(argv: Sequence[str], switch_names: set[str]) -> list[str]:
-    """Accept the spellings people type: `--max-epochs` for `--max_epochs`, and for yes/no flags
-    `--cache` / `--no-cache` beside jsonargparse's own `--cache true|false`."""
-    out: list[str] = []
-    for i, arg in enumerate(argv):
-        if not arg.startswith("--") or arg == "--":
-            out.append(arg)
-            continue
-        name, eq, value = arg[2:].partition("=")
-        name = name.replace("-", "_")
-        negated = name.startswith("no_") and name[3:] in switch_names
-        if negated:
-            out.append(f"--{name[3:]}=false")
-        elif name in switch_names and not eq:
-            following = argv[i + 1].lower() if i + 1 < len(argv) else ""
-            out.append(f"--{name}" if following in BOOLEAN_WORDS else f"--{name}=true")
-        else:
-            out.append(f"--{name}{eq}{value}")
-    return out
-
-
-def flag_parser(prog: str, description: str, classes: Sequence[type], skip: dict[type, set[str]]) -> FlagParser:
-    """Flat flags from the constructors of `classes`, leaving out the names in `skip[cls]`; a name seen in
-    an earlier class is not added again (one flag sets every constructor that takes it)."""
+def flag_parser(prog: str, description: str, classes: dict[type, set[str]]) -> FlagParser:
+    """Flat flags from the constructors of `classes`, each mapped to the parameter names it leaves out; a name
+    an earlier class added is not added again (one flag sets every constructor that takes it)."""
     parser = FlagParser(prog=prog, description=description)
     parser.add_argument("--config", action=jsonargparse.ActionConfigFile, help="YAML file of flags, e.g. a run's")
-    seen: set[str] = set()
-    for cls in classes:
-        parser.add_class_arguments(cls, nested_key=None, skip=skip.get(cls, set()) | seen, sub_configs=False)
-        seen |= parameters(cls)
+    added: set[str] = set()
+    for cls, skip in classes.items():
+        added.update(parser.add_class_arguments(cls, nested_key=None, skip=skip | added))
     return parser
 
 
-def plain(value: Any) -> Any:
-    """Builtin types only (jsonargparse's restricted numbers are int / float subclasses), so the values can
-    become hyperparameters that `torch.load(weights_only=True)` reads."""
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
-
-
-def parse_flags(parser: FlagParser, argv: Sequence[str], switch_names: set[str]) -> dict[str, Any]:
-    """The flags as a flat dict of builtin values (without `config`)."""
-    namespace = parser.parse_args(normalize_argv(argv, switch_names))
-    values = namespace.as_dict()
-    values.pop("config", None)
-    values.pop("__path__", None)
-    return {key: plain(value) for key, value in values.items()}
+@functools.cache
+def parameters(cls: type) -> frozenset[str]:
+    """The keyword names `cls(...)` takes, through `**kwargs` passed on to its base classes."""
+    return frozenset(jsonargparse.ArgumentParser().add_class_arguments(cls, nested_key=None, fail_untyped=False))
 
 
 def kwargs_for(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     """The flags that `cls`'s constructor takes."""
-    names = parameters(cls)
-    return {key: value for key, value in values.items() if key in names}
+    return {key: value for key, value in values.items() if key in parameters(cls)}
 
 
-def to_yaml(values: dict[str, Any]) -> str:
-    """The resolved flags as YAML that `--config` reads back."""
-    return yaml.safe_dump({key: plain(value) for key, value in values.items()}, sort_keys=False)
+def parse_flags(parser: FlagParser, argv: Sequence[str]) -> dict[str, Any]:
+    """The flags as a flat dict of builtin values, as the parser writes them to a config file (so they can
+    become hyperparameters that `torch.load(weights_only=True)` reads); `--max-epochs` reads as `--max_epochs`."""
+    argv = [re.sub(r"^--[^=]+", lambda m: "--" + m[0][2:].replace("-", "_"), arg) for arg in argv]
+    return yaml.safe_load(parser.dump(parser.parse_args(argv), skip_unset=False))

@@ -30,13 +30,18 @@ CONFLICTS: list[tuple[str, str, Callable[[Mapping[str, Any]], bool], str]] = [
      "your datasets decode their own images: use --decode_on cpu"),
     ("decode_on", "skip_bad_images", lambda v: v["decode_on"] == "device" and v["skip_bad_images"],
      "a JPEG that nvJPEG cannot decode stops the batch: find bad files with --decode_on cpu --skip_bad_images"),
-    ("decode_on", "accelerator", lambda v: v["decode_on"] == "device" and not v["cuda"],
-     "JPEGs are decoded with nvJPEG on a CUDA GPU, and none is in use: use --decode_on cpu"),
+    ("auto_augment", "decode_on", lambda v: v["auto_augment"] != "none" and v["decode_on"] == "device",
+     "the workers see JPEG bytes only: use --decode_on cpu"),
+    ("random_erase", "decode_on", lambda v: v["random_erase"] > 0 and v["decode_on"] == "device",
+     "the workers see JPEG bytes only: use --decode_on cpu"),
     ("cache", "skip_bad_images", lambda v: v["cache"] and v["skip_bad_images"],
      "a stand-in would be cached under another image's label: fix or delete the files that --skip_bad_images "
      "reports, then --cache"),
     ("unfreeze_at_epoch", "freeze_backbone", lambda v: v["unfreeze_at_epoch"] is not None and not v["freeze_backbone"],
      "nothing is frozen: add --freeze_backbone"),
+    # last: a pair above says more about what would work
+    ("decode_on", "accelerator", lambda v: v["decode_on"] == "device" and not v["cuda"],
+     "JPEGs are decoded with nvJPEG on a CUDA GPU, and none is in use: use --decode_on cpu"),
 ]  # fmt: skip
 
 

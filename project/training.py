@@ -4,77 +4,44 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import docstring_parser
 import lightning as L
 import torch
 import yaml
+from jsonargparse import Namespace
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveInt
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.profilers import AdvancedProfiler, PyTorchProfiler, SimpleProfiler
 
-from project.callbacks import (
-    AugmentedBatchGrid,
-    BadImageMonitor,
-    ConfusionMatrixLogger,
-    DataFeedMonitor,
-    FreezeBackbone,
-    HparamsSummary,
-    InterruptCheckpoint,
-    MispredictionLogger,
-    ModelGraphLogger,
-    NonFiniteLossGuard,
-)
+from project.callbacks import build_callbacks
 from project.cli import (
+    Accelerator,
     FlagParser,
+    Precision,
     UsageError,
     flag_parser,
     import_class,
-    is_switch,
     kwargs_for,
     parse_flags,
-    switches,
-    to_yaml,
 )
+from project.conflicts import conflict
 from project.data import ImageDataModule
-from project.data.streaming import is_url
+from project.data.streaming import is_streaming_source, is_url
 from project.feed.throughput import auto_num_workers
-from project.models import ImageClassifier, available_backbones
-from project.runtime.checkpoints import AtomicCheckpointIO, check_resumable, model_checkpoint, resolve_ckpt_path
+from project.models import ImageClassifier
+from project.models.backbones import check_backbone
+from project.runtime.checkpoints import LOGS, AtomicCheckpointIO, check_resumable, model_checkpoint, resolve_ckpt_path
 from project.runtime.console import configure_console
-from project.runtime.faults import clear_failures
+from project.runtime.faults import clear_failures, end_run
 
-LOGS = "lightning_logs"
-# the bar reads its values (a host sync on a GPU) at each refresh: every 10 steps keeps syncs off most steps
-PROGRESS_REFRESH_STEPS = 10
-# per-step values the bar shows: logged without prog_bar, read by StepMetricsBar at its refreshes
-BAR_METRICS = ("train/loss", "data_wait")
 PROFILERS = {"simple": SimpleProfiler, "advanced": AdvancedProfiler, "pytorch": PyTorchProfiler}
-# The Trainer arguments train.py exposes: (the type that checks the flag, train.py's default). The types are
-# narrower than the Trainer's own hints, which admit values Lightning rejects only once training starts.
-TRAINER_FLAGS: dict[str, tuple[Any, Any]] = {
-    "accelerator": (Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"], "auto"),
-    "devices": (int | str, "auto"),
-    "strategy": (str, "auto"),
-    "num_nodes": (PositiveInt, 1),
-    "max_epochs": (PositiveInt, 3),
-    "deterministic": (bool, False),
-    "default_root_dir": (str, "."),
-    "limit_train_batches": (NonNegativeInt | ClosedUnitInterval, 1.0),
-    "limit_val_batches": (NonNegativeInt | ClosedUnitInterval, 1.0),
-    "limit_test_batches": (NonNegativeInt | ClosedUnitInterval, 1.0),
-    "fast_dev_run": (NonNegativeInt, 0),
-    "log_every_n_steps": (PositiveInt, 10),
-    "accumulate_grad_batches": (PositiveInt, 1),
-    "gradient_clip_val": (NonNegativeFloat | None, None),
-}
 
 
 @dataclass
@@ -93,7 +60,7 @@ class RunOptions:
     """
 
     datamodule: str = "project.data.ImageDataModule"
-    precision: Literal["auto", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "64-true", "64"] = "auto"
+    precision: Precision = "auto"
     profiler: Literal["none", "simple", "advanced", "pytorch"] = "none"
     ckpt_path: str | None = None
     feed_monitor: bool = True
@@ -101,41 +68,71 @@ class RunOptions:
     unfreeze_at_epoch: NonNegativeInt | None = None
 
 
+@dataclass
+class TrainerOptions:
+    """The Trainer's arguments that train.py passes on as they are, with train.py's defaults. The types are
+    narrower than the Trainer's own hints, which admit values Lightning rejects only once training starts.
+
+    Args:
+        accelerator: where to train; auto: a GPU when there is one, else the CPU
+        devices: how many devices (or which: 0,1); auto: all of the accelerator's
+        strategy: how the devices share the work: auto, ddp, ddp_spawn, fsdp, deepspeed, ...
+        num_nodes: machines in a distributed run
+        max_epochs: epochs to train
+        deterministic: deterministic algorithms only (reproducible on a GPU, slower)
+        default_root_dir: where lightning_logs/ (runs, checkpoints) goes
+        limit_train_batches: training batches per epoch: a count, or a fraction of them all
+        limit_val_batches: validation batches per epoch: a count, or a fraction of them all
+        limit_test_batches: test batches: a count, or a fraction of them all
+        fast_dev_run: a smoke test of this many batches of training, validation and test, writing no logs (0: off)
+        log_every_n_steps: log the training metrics every this many steps
+        accumulate_grad_batches: batches whose gradients add up to one optimizer step
+        gradient_clip_val: clip the gradients' norm at this value (none: no clipping)
+    """
+
+    accelerator: Accelerator = "auto"
+    devices: int | str = "auto"
+    strategy: str = "auto"
+    num_nodes: PositiveInt = 1
+    max_epochs: PositiveInt = 3
+    deterministic: bool = False
+    default_root_dir: str = "."
+    # int, not NonNegativeInt, which reads 1.0 (all batches) from a config file as 1 (one batch);
+    # check_flags refuses a negative count
+    limit_train_batches: int | ClosedUnitInterval = 1.0
+    limit_val_batches: int | ClosedUnitInterval = 1.0
+    limit_test_batches: int | ClosedUnitInterval = 1.0
+    fast_dev_run: NonNegativeInt = 0
+    log_every_n_steps: PositiveInt = 10
+    accumulate_grad_batches: PositiveInt = 1
+    gradient_clip_val: NonNegativeFloat | None = None
+
+
 # set from the data, not from flags
 FROM_DATA = {"num_classes", "class_names", "image_size", "mean", "std"}
 
 
 def train_parser(datamodule_class: type = ImageDataModule) -> FlagParser:
-    """train.py's flags: the DataModule's, ImageClassifier's, RunOptions' and TRAINER_FLAGS."""
-    skip = {datamodule_class: {"collate_fn", "predict_paths", "mean", "std"}, ImageClassifier: FROM_DATA}
-    parser = flag_parser(
+    """train.py's flags: the DataModule's, ImageClassifier's, RunOptions' and TrainerOptions'."""
+    skip = {"collate_fn", "predict_paths", "mean", "std"}
+    return flag_parser(
         "train.py",
         "Train an image classifier (Lightning) on an image folder or a streaming dataset (optimize_data.py). "
         "Flags take hyphens too (--max-epochs), "
         "and yes/no flags take --cache, --no-cache or --cache true|false.",
-        [datamodule_class, ImageClassifier, RunOptions],
-        skip,
+        {datamodule_class: skip, ImageClassifier: FROM_DATA, RunOptions: set(), TrainerOptions: set()},
     )
-    # the Trainer's own help, its first sentence (the rest speaks of the Trainer's defaults, not train.py's)
-    docs = {
-        p.arg_name: re.split(r"(?<=\.)\s", p.description or "")[0]
-        for p in docstring_parser.parse(L.Trainer.__init__.__doc__ or "").params
-    }
-    for name, (hint, default) in TRAINER_FLAGS.items():
-        parser.add_argument(f"--{name}", type=hint, default=default, help=docs.get(name))
-    return parser
 
 
 def datamodule_class(argv: Sequence[str]) -> type:
     """The class `--datamodule` names, in argv or in the `--config` file (read before the parser exists,
     because the class decides which flags there are)."""
     path = RunOptions.datamodule
-    for i, arg in enumerate(argv):
-        following = argv[i + 1] if i + 1 < len(argv) else None
-        if arg == "--datamodule" and following:
-            path = following
-        elif arg.startswith("--datamodule="):
+    for arg, following in zip(argv, [*argv[1:], None], strict=False):
+        if arg.startswith("--datamodule="):
             path = arg.partition("=")[2]
+        elif arg == "--datamodule" and following:
+            path = following
         elif arg == "--config" and following and Path(following).is_file():
             with contextlib.suppress(yaml.YAMLError, AttributeError):
                 path = (yaml.safe_load(Path(following).read_text()) or {}).get("datamodule", path)
@@ -154,9 +151,7 @@ def load_datamodule_class(path: str) -> type:
 
 def parse_train_flags(argv: Sequence[str]) -> dict[str, Any]:
     """train.py's flags as a flat dict; exits 2 with one line on a flag the parser refuses."""
-    cls = datamodule_class(argv)
-    trainer_switches = {name for name, (hint, _) in TRAINER_FLAGS.items() if is_switch(hint)}
-    values = parse_flags(train_parser(cls), argv, switches([cls, ImageClassifier, RunOptions]) | trainer_switches)
+    values = parse_flags(train_parser(datamodule_class(argv)), argv)
     check_flags(values)
     return values
 
@@ -168,34 +163,32 @@ def check_flags(values: dict[str, Any]) -> None:
         raise UsageError(f"argument --data_dir: no such folder {data_dir!r}")
     if Path(root).exists() and not Path(root).is_dir():
         raise UsageError(f"argument --default_root_dir: {root!r} is a file, not a folder")
-    if values["backbone"] not in available_backbones():
-        raise UsageError(
-            f"argument --backbone: unknown backbone {values['backbone']!r}; choose simple_cnn, resnet18, "
-            f"mobilenet_v3_small, ... (all: {', '.join(available_backbones())})"
-        )
-    if values["unfreeze_at_epoch"] is not None and not values["freeze_backbone"]:
-        raise UsageError(
-            f"--unfreeze_at_epoch {values['unfreeze_at_epoch']} needs --freeze_backbone (nothing is frozen)"
-        )
+    try:
+        check_backbone(values["backbone"])
+    except ValueError as error:
+        raise UsageError(f"argument --backbone: {error}") from None
+    for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+        if values[name] < 0:
+            raise UsageError(f"argument --{name}: a count of batches or a fraction of them, got {values[name]}")
     check_accelerator(values["accelerator"])
-    if values.get("decode_on") == "device" and (values["accelerator"] == "cpu" or not torch.cuda.is_available()):
-        raise UsageError(
-            "--decode_on device: JPEGs are decoded with nvJPEG on a CUDA GPU, and none is in use; use --decode_on cpu"
-        )
+    datamodule = load_datamodule_class(values["datamodule"])
+    facts = {
+        "streaming": data_dir is not None and is_streaming_source(data_dir),
+        "url": data_dir is not None and is_url(data_dir),
+        "own_datasets": getattr(datamodule, "datasets", ImageDataModule.datasets) is not ImageDataModule.datasets,
+        "cuda": values["accelerator"] != "cpu" and torch.cuda.is_available(),
+    }
+    if message := conflict({**values, **facts}):
+        raise UsageError(message)
 
 
-class SaveConfig(Callback):
-    """Write the run's resolved flags to `<run folder>/config.yaml` (rank 0 only)."""
-
-    def __init__(self, values: dict[str, Any]) -> None:
-        self.text = to_yaml(values)
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        log_dir = trainer.log_dir  # on every rank: under DDP it is a broadcast, a collective call
-        if trainer.is_global_zero and stage == "fit" and log_dir:
-            path = Path(log_dir) / "config.yaml"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(self.text)
+def save_config(values: dict[str, Any]) -> list[Callback]:
+    """Lightning's callback that writes the flags to `<run folder>/config.yaml`, which `--config` reads back
+    to repeat the run; none under fast_dev_run, which has no run folder."""
+    if values["fast_dev_run"]:
+        return []
+    parser = train_parser(load_datamodule_class(values["datamodule"]))
+    return [SaveConfigCallback(parser, Namespace(values))]
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -242,70 +235,22 @@ def check_image_size(model: ImageClassifier, image_size: int) -> None:
         model.train()
 
 
-class StepMetricsBar(TQDMProgressBar):
-    """Lightning's TQDM bar, also showing the latest values of the per-step metrics `names`.
-
-    Lightning turns every value logged with `prog_bar=True` into a Python number after every training
-    step: on a GPU, a host-device sync per step, which stops the CPU from queuing the next step while the
-    GPU works. These metrics are logged without `prog_bar`; the bar reads them from
-    `trainer.callback_metrics` only when it refreshes, every `refresh_rate` steps.
-    """
-
-    def __init__(self, names: Sequence[str], refresh_rate: int = 1) -> None:
-        super().__init__(refresh_rate=refresh_rate)
-        self.names = tuple(names)
-
-    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        logged = trainer.callback_metrics
-        latest = {name: float(logged[name]) for name in self.names if name in logged}
-        return {**latest, **super().get_metrics(trainer, pl_module)}
-
-
-def build_callbacks(values: dict[str, Any]) -> list[Callback]:
-    """The run's callbacks besides checkpointing, in the order they should run."""
-    callbacks: list[Callback] = [
-        LearningRateMonitor(logging_interval="step"),
-        SaveConfig(values),
-        StepMetricsBar(BAR_METRICS, refresh_rate=PROGRESS_REFRESH_STEPS),
-    ]
-    if values["freeze_backbone"]:
-        callbacks.append(FreezeBackbone(unfreeze_at_epoch=values["unfreeze_at_epoch"]))
-    # TensorBoard views: the augmented batch, confusion matrix, mistakes, graph, flags with final metrics
-    callbacks += [
-        AugmentedBatchGrid(),
-        ConfusionMatrixLogger(),
-        MispredictionLogger(),
-        ModelGraphLogger(),
-        HparamsSummary(values),
-    ]
-    if values["feed_monitor"]:
-        callbacks.append(DataFeedMonitor())
-    # faults: Ctrl+C / SIGTERM leave a resumable checkpoint; a NaN loss or too many unreadable images stop the run
-    callbacks += [InterruptCheckpoint(), NonFiniteLossGuard()]
-    if values.get("skip_bad_images"):
-        callbacks.append(BadImageMonitor(values["max_bad_fraction"]))
-    return callbacks
-
-
 def build_trainer(values: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
-    """The Trainer from TRAINER_FLAGS; a combination Lightning refuses (devices, strategy) is a usage error."""
-    root = values["default_root_dir"]
-    logger = TensorBoardLogger(save_dir=root, name=LOGS, default_hp_metric=False)
+    """The Trainer from TrainerOptions; a combination Lightning refuses (devices, strategy) is a usage error."""
+    kwargs = kwargs_for(TrainerOptions, values)
     profiler = PROFILERS[values["profiler"]](filename="profile") if values["profiler"] != "none" else None
-    kwargs = {name: values[name] for name in TRAINER_FLAGS}
-    kwargs["fast_dev_run"] = kwargs["fast_dev_run"] or False
     try:
         return L.Trainer(
             **kwargs,
             precision=resolve_precision(values["precision"], values["accelerator"]),
             profiler=profiler,
-            logger=logger,
+            logger=TensorBoardLogger(save_dir=values["default_root_dir"], name=LOGS, default_hp_metric=False),
             callbacks=callbacks,
             plugins=[AtomicCheckpointIO()],
         )
     except (MisconfigurationException, ValueError, TypeError) as error:
         message = " ".join(str(error).split())
-        named = sorted((message.find(name), name) for name in TRAINER_FLAGS if name in message)  # the first named
+        named = sorted((message.find(name), name) for name in kwargs if name in message)  # the first named
         raise UsageError(f"argument --{named[0][1]}: {message}" if named else message) from None
 
 
@@ -320,23 +265,24 @@ def train(values: dict[str, Any]) -> dict[str, Any]:
     if values["ckpt_path"] == "last":
         print(f"resuming from {ckpt_path}")
     checkpoint = model_checkpoint()
-    trainer = build_trainer(values, [checkpoint, *build_callbacks(values)])  # before any work: it checks flags
+    callbacks = [checkpoint, *save_config(values), *build_callbacks(values)]
+    trainer = build_trainer(values, callbacks)  # before any work: it checks flags
 
     L.seed_everything(values.get("seed", 0), workers=True, verbose=False)
-    datamodule = build_datamodule(values)
     try:
+        datamodule = build_datamodule(values)
+        # attached as fit attaches it, so the first setup decides where data work runs for the real device
+        datamodule.trainer = trainer
         datamodule.prepare_data()
-        # every split's layout (empty class folder, val/ or test/ classes unlike train/'s) before any training
-        datamodule.setup("fit")
-        datamodule.setup("test")
+        datamodule.setup("fit")  # every split's layout and cache before any training, then one line if wrong
         model = build_model(values, datamodule)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # a bad layout, a full disk, a --pretrained download that failed
         raise UsageError(str(error)) from None
     if ckpt_path:
         check_resumable(ckpt_path, model.hparams)
 
     if values.get("num_workers") == "auto":
-        auto_num_workers(datamodule, model, trainer)
+        datamodule.num_workers = auto_num_workers(datamodule, model, trainer)
     with clear_failures(trainer):  # interruption: exit 128 + signal; known faults: one line, exit 1
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
@@ -355,6 +301,7 @@ def train(values: dict[str, Any]) -> dict[str, Any]:
         results["test_acc"] = tested[0].get("test/acc") if tested else None
     if trainer.is_global_zero:
         print_summary(results, values["default_root_dir"])
+    end_run(trainer)  # under DDP: the process group and the other ranks' processes end with this one
     return results
 
 
@@ -368,5 +315,6 @@ def print_summary(results: dict[str, Any], root: str) -> None:
         print(f"best checkpoint: {os.path.relpath(results['best_checkpoint'])}")
     if results["last_checkpoint"]:
         print(f"last checkpoint: {os.path.relpath(results['last_checkpoint'])}")
-    print(f"run folder:      {os.path.relpath(results['log_dir'])}")
-    print(f"open it with:    tensorboard --logdir {logs}")
+    if results["log_dir"]:  # none under fast_dev_run, which writes no logs
+        print(f"run folder:      {os.path.relpath(results['log_dir'])}")
+        print(f"open it with:    tensorboard --logdir {logs}")

@@ -2,8 +2,9 @@
 
 Loader-only img/s by num_workers, 300 px vs 1024 px sources with and without rotation, the model's
 own rate, a short training run with the verdict, the naive pipeline against the fast path and the
-cache, Lightning's own per-step cost, and the model-side options. Writes a table to stdout, benchmark.json and
-data_feed.png to --out_dir, and TensorBoard scalars under <default_root_dir>/lightning_logs/benchmark/.
+cache, Lightning's own per-step cost, the model-side options, and what the training-recipe flags cost.
+Writes a table to stdout, benchmark.json and data_feed.png to --out_dir, and TensorBoard scalars under
+<default_root_dir>/lightning_logs/benchmark/.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
+from project.callbacks import build_callbacks  # noqa: E402
 from project.cli import ACCELERATORS, PRECISIONS, Parser, UsageError, positive_int  # noqa: E402
 from project.feed.benchmark import SECTIONS, BenchmarkConfig, run_benchmark  # noqa: E402
+from project.runtime.checkpoints import LOGS  # noqa: E402
 from project.runtime.console import configure_console  # noqa: E402
-from project.training import LOGS, check_accelerator, resolve_precision  # noqa: E402
+from project.training import check_accelerator, parse_train_flags, resolve_precision  # noqa: E402
 
 
 def int_list(text: str) -> list[int]:
@@ -69,7 +72,7 @@ def benchmark_parser() -> Parser:
         "--source-size",
         type=positive_int,
         default=d.source_size,
-        help="source JPEG side for the sweep and the training run",
+        help="source JPEG side for the sweep, the training run and the recipe section",
     )
     p.add_argument(
         "--source_sizes",
@@ -107,14 +110,14 @@ def benchmark_parser() -> Parser:
         "--pipeline-image-size",
         type=positive_int,
         default=d.pipeline_image_size,
-        help="pipelines section: training side",
+        help="pipelines and recipe sections: training side",
     )
     p.add_argument(
         "--pipeline_workers",
         "--pipeline-workers",
         type=int,
         default=d.pipeline_workers,
-        help="pipelines section: num_workers, the same for every pipeline",
+        help="pipelines and recipe sections: num_workers, the same for every pipeline",
     )
     p.add_argument(
         "--pipeline_rotation",
@@ -128,14 +131,14 @@ def benchmark_parser() -> Parser:
         "--pipeline-batches",
         type=positive_int,
         default=d.pipeline_batches,
-        help="pipelines section: timed batches per pipeline",
+        help="pipelines and recipe sections: timed batches per pipeline",
     )
     p.add_argument(
         "--pipeline_rounds",
         "--pipeline-rounds",
         type=positive_int,
         default=d.pipeline_rounds,
-        help="pipelines section: interleaved repeats, best kept (steadier on a busy machine)",
+        help="pipelines and recipe sections: interleaved repeats, best kept (steadier on a busy machine)",
     )
     p.add_argument(
         "--overhead_steps",
@@ -193,7 +196,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = BenchmarkConfig(accelerator=device, precision=resolve_precision(args.precision, device), **flags)
     if args.quick:
         config = config.quick()
-    run_benchmark(config, args.sections, args.default_root_dir / LOGS, chart=args.chart)
+    run_benchmark(
+        config,
+        args.sections,
+        args.default_root_dir / LOGS,
+        chart=args.chart,
+        # the overhead section's last loop: the callbacks of a default train.py run, its progress bar included
+        run_callbacks=lambda: build_callbacks(parse_train_flags([])),
+    )
     return 0
 
 

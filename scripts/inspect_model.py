@@ -23,7 +23,9 @@ from project.tools.inspection import format_report, inspect_model  # noqa: E402
 
 def parser() -> Parser:
     p = Parser(prog="inspect_model.py", description="Print what is inside a backbone or a trained checkpoint.")
-    p.add_argument("--backbone", default="simple_cnn", help="simple_cnn, resnet18, mobilenet_v3_small, ...")
+    p.add_argument(
+        "--backbone", default="simple_cnn", help="simple_cnn, resnet18, mobilenet_v3_small, timm/<name>, ..."
+    )
     p.add_argument("--num_classes", "--num-classes", type=positive_int, default=8, help="outputs of the head")
     p.add_argument(
         "--image_size", "--image-size", type=positive_int, default=64, help="side of the dummy input images in pixels"
@@ -68,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.freeze_backbone:
             freeze_feature_extractor(model)
         report = inspect_model(model, image_size, num_classes)
-    except (UsageError, ValueError, RuntimeError) as error:
+    # AssertionError: the size checks of ViTs (torchvision's and timm's) on a wrong --image_size
+    except (UsageError, ValueError, RuntimeError, AssertionError) as error:
         print(f"inspect_model.py: error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
     print(format_report(report, full=args.full))

@@ -56,7 +56,17 @@ def test_quick_run_writes_every_figure_and_ranks_the_work(tmp_path, capsys, one_
         assert word in out
 
     results = json.loads((tmp_path / "out" / "benchmark.json").read_text())["results"]
-    sections = {"workers", "sources", "model", "end_to_end", "pipelines", "stages", "overhead", "model_variants"}
+    sections = {
+        "workers",
+        "sources",
+        "model",
+        "end_to_end",
+        "pipelines",
+        "stages",
+        "overhead",
+        "model_variants",
+        "recipe",
+    }
     assert set(results) == sections
     loader = {r["num_workers"]: r["loader_img_per_s"] for r in results["workers"]}
     assert sorted(loader) == [0, 1] and min(loader.values()) > 0
@@ -99,6 +109,24 @@ def test_quick_run_writes_every_figure_and_ranks_the_work(tmp_path, capsys, one_
     assert [s.step for s in scalars] == [0, 1]  # num_workers on the x axis
     assert [round(s.value, 1) for s in scalars] == [loader[0], loader[1]]
     assert events.Scalars("feed/model_img_per_s")[0].value == pytest.approx(model)
+
+
+def test_recipe_section_prices_each_augmentation(tmp_path, capsys, one_thread):
+    argv = ["--quick", "--sections", "recipe", "--accelerator", "cpu", "--out_dir", str(tmp_path / "out")]
+    assert benchmark_data.main([*argv, "--default_root_dir", str(tmp_path), "--no-progress"]) == 0
+    assert "MixUp / CutMix" in capsys.readouterr().out  # the section's table was printed
+
+    rows = json.loads((tmp_path / "out" / "benchmark.json").read_text())["results"]["recipe"]
+    by_name = {r["augmentation"]: r for r in rows}
+    per_image = ["none", "ta_wide", "ra", "augmix", "random_erase 0.25"]
+    assert list(by_name) == [*per_image, "mixup 0.2", "cutmix 1.0"]
+    assert all(r["img_per_s"] > 0 and r["ms_per_batch"] > 0 for r in rows)
+    assert {by_name[n]["runs_on"] for n in per_image} == {"loader workers"}
+    assert {by_name[n]["runs_on"] for n in ("mixup 0.2", "cutmix 1.0")} == {"device (cpu)"}
+    assert by_name["none"]["vs_none"] == 1.0
+    # AugMix blends several augmented copies of each image: never cheaper than no policy, whatever the load
+    # (3x leaves room for a busy spell over the "none" row alone)
+    assert by_name["none"]["img_per_s"] >= by_name["augmix"]["img_per_s"] / 3
 
 
 # few, long sleeps: each wake-up on a busy machine may come a few milliseconds late, and many short

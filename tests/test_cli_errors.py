@@ -30,6 +30,7 @@ def one_line_error(capsys) -> str:
         (["--max_bad_fraction", "2"], "--max_bad_fraction"),
         (["--loader_timeout", "-1"], "--loader_timeout"),
         (["--limit_train_batches", "1.5"], "--limit_train_batches"),
+        (["--limit_val_batches", "-1"], "--limit_val_batches"),
         (["--seed", "-3"], "--seed"),
         (["--devices", "0"], "--devices"),
         (["--devices", "zero"], "--devices"),

@@ -1,9 +1,11 @@
 """Scale-out: `--devices 2 --strategy ddp --accelerator cpu` trains and validates on CPU (gloo), splits the data
-between the processes, and syncs the metrics: its val/acc is what one process measures on the same weights."""
+between the processes, and syncs the metrics: its val/acc is what one process measures on the same weights;
+and it ends cleanly: no thread of the process group and no process of the run outlives it."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -16,13 +18,17 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from project.data import ImageDataModule, generate_shapes
 from project.models import ImageClassifier
+from tests.killing import MARKER, marked_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # scripts/train.py, with each process saving the images it is handed (un-normalized back to uint8) per stage,
-# rank and batch; "ddp" starts the second process by running this same file again
+# rank and batch, and, as the very last thing before the interpreter shuts down, what is still running in it;
+# "ddp" starts the second process by running this same file again
 RECORDING_TRAIN = """
+import atexit
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -33,6 +39,20 @@ sys.path.insert(0, {root!r})
 from project.models import ImageClassifier
 
 OUT = Path(os.environ["SEEN_DIR"])
+
+
+def record_exit():
+    native = []
+    for task in Path("/proc/self/task").glob("*/comm"):  # every thread, also those Python does not know
+        try:
+            native.append(task.read_text().strip())
+        except OSError:  # ended meanwhile
+            pass
+    state = {{"process_group": torch.distributed.is_initialized(), "native_threads": native}}
+    (OUT / f"exit-rank{{os.environ.get('LOCAL_RANK', '0')}}.json").write_text(json.dumps(state))
+
+
+atexit.register(record_exit)  # the first registered runs last
 
 
 def save(self, stage, batch, batch_idx):
@@ -104,10 +124,20 @@ def test_ddp_on_cpu_trains_validates_and_matches_a_single_process(tmp_path):
         str(tmp_path),
         "--no-feed_monitor",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SEEN_DIR": str(seen)}
+    marker = f"ddp-{os.getpid()}-{tmp_path.name}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SEEN_DIR": str(seen), MARKER: marker}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "Starting with 2 processes" in result.stdout + result.stderr
+
+    # a clean end: rank 0 waited for rank 1, and neither had a thread of torch's or gloo's own left at exit
+    # (gloo's threads, alive while the interpreter shuts down, now and then abort it: exit code -6)
+    assert not marked_processes(marker), "a process of the run outlived it"
+    for rank in (0, 1):
+        state = json.loads((seen / f"exit-rank{rank}.json").read_text())
+        assert not state["process_group"], rank
+        leftover = [name for name in state["native_threads"] if "gloo" in name or name.startswith("pt_")]
+        assert not leftover, (rank, leftover)
 
     run = tmp_path / "lightning_logs" / "version_0"
     assert not (tmp_path / "lightning_logs" / "version_1").exists()  # one run folder, written by rank 0

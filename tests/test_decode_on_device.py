@@ -20,7 +20,7 @@ from project.data.encoded import DecodeBatch, EncodedImageFolder, collate_encode
 from project.data.folder import ImageFolderDataset, load_image
 from project.data.transforms import eval_transform
 from project.models import ImageClassifier
-from tests.conftest import load_script, write_image
+from tests.conftest import write_image
 
 
 def mixed_folder(root, size=(80, 60)):
@@ -98,14 +98,6 @@ def test_a_training_run_decodes_on_the_device_side_of_the_loader(tmp_path):
     assert isinstance(datamodule.train_set, EncodedImageFolder) and datamodule.device_transform.rotation == 20
     assert seen and all(batch.shape[1:] == (3, 32, 32) and batch.dtype == torch.float32 for batch in seen)
     assert trainer.global_step == len(seen) == 2  # 8 images in batches of 4
-
-
-def test_the_command_line_refuses_device_decoding_without_cuda(tmp_path, capsys):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    code = load_script("train").main(["--decode_on", "device", "--default_root_dir", str(tmp_path)])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "--decode_on device" in err and "CUDA" in err
 
 
 @pytest.mark.gpu

@@ -13,6 +13,7 @@ import torch
 from torchvision import datasets
 from torchvision import transforms as T
 
+from project.callbacks import StepMetricsBar, build_callbacks
 from project.data import ImageDataModule, generate_shapes
 from project.data.transforms import (
     IMAGENET_MEAN,
@@ -23,9 +24,9 @@ from project.data.transforms import (
     tensor_train_transform,
 )
 from project.feed.pipelines_benchmark import compare_pipelines
-from project.feed.training_step_benchmark import make_batches, raw_step_rate, run_callbacks, trainer_step_rate
+from project.feed.training_step_benchmark import make_batches, raw_step_rate, trainer_step_rate
 from project.models import ImageClassifier
-from project.training import StepMetricsBar, build_datamodule, build_model, parse_train_flags
+from project.training import build_datamodule, build_model, parse_train_flags
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -271,7 +272,7 @@ def test_a_default_run_reads_logged_values_back_only_at_refreshes_and_log_steps(
         monkeypatch.setattr(torch.Tensor, method, counted)
     steps = 40  # log_every_n_steps and the bar's refresh: every 10
     module = ImageClassifier(backbone="simple_cnn", num_classes=8, image_size=16)
-    callbacks = run_callbacks()
+    callbacks = build_callbacks(parse_train_flags([]))
     bar = next(c for c in callbacks if isinstance(c, StepMetricsBar))
     trainer_step_rate(module, make_batches(2, 4, 16, num_classes=8), steps=steps, warmup=1, callbacks=callbacks)
     # per 10 steps: the logger's write, the bar's train/loss and data_wait, the loss guard's check

@@ -1,5 +1,5 @@
 """train.py's flags come from the constructors: a new parameter is a new flag, and each flag reaches its
-DataLoader, model or Trainer setting (non-default values, for train and val)."""
+DataLoader, model or Trainer setting (non-default values, for train and val); yes/no flags take every spelling."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+from lightning.pytorch.profilers import SimpleProfiler
 from torch.utils.data import SequentialSampler, WeightedRandomSampler
 
 from project.training import build_datamodule, build_trainer, parse_train_flags
@@ -80,6 +81,7 @@ def test_loader_flags_reach_the_dataloaders(tiny_shapes):
             "--sampler",
             "balanced",
             "--pin_memory",
+            "true",  # yes, no or null (auto): three values, so no bare --pin_memory
             "--no-persistent_workers",
             "--prefetch_factor",
             "3",
@@ -122,3 +124,34 @@ def test_trainer_flags_reach_the_trainer(tmp_path):
     assert trainer.max_epochs == 5 and trainer.accumulate_grad_batches == 3
     assert trainer.gradient_clip_val == 0.5 and trainer.limit_val_batches == 0.25
     assert trainer.log_every_n_steps == 7 and trainer.default_root_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("argv", "cache"),
+    [
+        ([], False),
+        (["--cache"], True),
+        (["--cache", "true"], True),
+        (["--cache=yes"], True),
+        (["--no-cache"], False),
+        (["--no_cache"], False),
+        (["--cache", "false"], False),
+        (["--cache", "--no-cache"], False),  # the last one wins
+    ],
+)
+def test_yes_no_flags_take_every_spelling(argv, cache):
+    assert parse_train_flags(argv)["cache"] is cache
+
+
+@pytest.mark.parametrize(("precision", "expected"), [("bf16-mixed", "bf16-mixed"), ("64-true", "64-true")])
+def test_precision_reaches_the_trainer(precision, expected, tmp_path):
+    values = parse_train_flags(["--accelerator", "cpu", "--precision", precision, "--default_root_dir", str(tmp_path)])
+    trainer = build_trainer(values, [])
+    assert trainer.precision == expected, f"--precision {precision} built a Trainer with precision {trainer.precision}"
+
+
+def test_precision_auto_is_full_precision_on_the_cpu_and_the_profiler_flag_reaches_the_trainer(tmp_path):
+    argv = ["--accelerator", "cpu", "--profiler", "simple", "--default_root_dir", str(tmp_path)]
+    trainer = build_trainer(parse_train_flags(argv), [])
+    assert trainer.precision == "32-true"
+    assert isinstance(trainer.profiler, SimpleProfiler)

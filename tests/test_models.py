@@ -67,7 +67,7 @@ def test_pretrained_fails_clearly_when_weights_cannot_be_fetched(monkeypatch, tm
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError, match=r"--pretrained: could not fetch the resnet18 weights.*resnet18-"):
+    with pytest.raises(ConnectionError, match=r"--pretrained: could not fetch the resnet18 weights.*resnet18-"):
         build_backbone("resnet18", num_classes=4, pretrained=True)
     with pytest.raises(ValueError, match="simple_cnn has no pretrained weights"):
         build_backbone("simple_cnn", num_classes=4, pretrained=True)

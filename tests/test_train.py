@@ -9,7 +9,7 @@ import yaml
 
 from project.data import ImageDataModule, generate_shapes
 from project.models import ImageClassifier
-from project.training import parse_train_flags, train_parser
+from project.training import build_trainer, parse_train_flags, save_config, train_parser
 from tests.conftest import load_script
 
 
@@ -89,8 +89,35 @@ def test_config_round_trip(trained_run):
     config = tmp / "lightning_logs" / "version_0" / "config.yaml"
     original = parse_train_flags(argv)
     repeated = parse_train_flags(["--config", str(config)])
-    assert repeated == original and original["max_epochs"] == 4 and original["rotation"] == 0
+    assert typed(repeated) == typed(original) and original["max_epochs"] == 4 and original["rotation"] == 0
     assert parse_train_flags(["--config", str(config), "--lr", "0.1"])["lr"] == 0.1  # the command line wins
+
+
+def test_saved_config_repeats_every_flag(tiny_shapes, tmp_path):
+    """What a run writes to config.yaml (written here without training) parses back to the same flags."""
+    argv = ["--data_dir", str(tiny_shapes), "--default_root_dir", str(tmp_path), "--accelerator", "cpu"]
+    argv += ["--cache", "--no-hflip", "--pin_memory", "false", "--num_workers", "auto", "--limit_val_batches", "0.5"]
+    argv += ["--lr", "0.01", "--precision", "64-true", "--devices", "1", "--max-epochs", "7"]
+    argv += ["--freeze_backbone", "--unfreeze_at_epoch", "1"]
+    values = parse_train_flags(argv)
+    trainer = build_trainer(values, save_config(values))
+    trainer.callbacks[0].setup(trainer, None, "fit")
+    config = tmp_path / "lightning_logs" / "version_0" / "config.yaml"
+    assert typed(parse_train_flags(["--config", str(config)])) == typed(values)
+
+
+def typed(values: dict) -> dict:
+    """The flags with their types: 1 (one batch) and 1.0 (all of them) are equal numbers but other settings."""
+    return {key: (type(value), value) for key, value in values.items()}
+
+
+@pytest.mark.slow
+def test_fast_dev_run_runs_every_loop_once_and_writes_no_run_folder(tiny_shapes, tmp_path, capsys):
+    argv = ["--data_dir", str(tiny_shapes), "--default_root_dir", str(tmp_path), "--fast_dev_run", "1"]
+    argv += ["--accelerator", "cpu", "--image_size", "32", "--num_workers", "0"]
+    assert load_script("train").main(argv) == 0
+    assert "test/acc" in capsys.readouterr().out
+    assert not (tmp_path / "lightning_logs").exists()
 
 
 def test_load_from_checkpoint_gives_identical_predictions(tmp_path):

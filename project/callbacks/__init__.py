@@ -1,5 +1,7 @@
-"""The Lightning callbacks of the extras, importable from one place (`from project.callbacks import ...`)."""
+"""The Lightning callbacks of the extras, importable from one place (`from project.callbacks import ...`),
+and the set a `scripts/train.py` run uses (`build_callbacks`)."""
 
+from project.callbacks.run import BAR_METRICS, PROGRESS_REFRESH_STEPS, StepMetricsBar, build_callbacks
 from project.feed.monitor import DataFeedMonitor
 from project.runtime.faults import BadImageMonitor, InterruptCheckpoint, NonFiniteLossGuard
 from project.tools.finetune import FreezeBackbone
@@ -12,6 +14,8 @@ from project.views.tensorboard import (
 )
 
 __all__ = [
+    "BAR_METRICS",
+    "PROGRESS_REFRESH_STEPS",
     "AugmentedBatchGrid",
     "BadImageMonitor",
     "ConfusionMatrixLogger",
@@ -22,4 +26,6 @@ __all__ = [
     "MispredictionLogger",
     "ModelGraphLogger",
     "NonFiniteLossGuard",
+    "StepMetricsBar",
+    "build_callbacks",
 ]

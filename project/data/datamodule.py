@@ -25,6 +25,7 @@ from jsonargparse.typing import (
 )
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torchvision.transforms import v2
 
 from project.conflicts import conflict
 from project.data.builtin import generate_shapes
@@ -46,7 +47,9 @@ from project.data.transforms import (
     IMAGENET_STD,
     DeviceTransform,
     eval_transform,
+    recipe_augment,
     tensor_train_transform,
+    then,
     train_transform,
 )
 
@@ -89,6 +92,12 @@ class ImageDataModule(L.LightningDataModule):
         hflip: random horizontal flips for training
         augment_on: where training augmentation runs: cpu (workers, per image), device (after transfer, one batched
             call), auto (device when the accelerator is not the CPU)
+        auto_augment: per-image policy in the workers, training only: none, ta_wide (TrivialAugmentWide), ra
+            (RandAugment) or augmix
+        random_erase: probability of erasing a random rectangle of each training image (in the workers)
+        mixup_alpha: MixUp on the device, training batches only, Beta(alpha, alpha) mixing; 0: off
+        cutmix_alpha: CutMix on the device, training batches only; 0: off (with mixup_alpha too: one of the two per
+            batch, at random)
         decode_on: where JPEGs are decoded: cpu (workers, at reduced DCT scale) or device (workers only read the
             bytes; each batch is decoded with nvJPEG on the GPU, then resized and augmented there)
         cache: decode and resize every image once into a uint8 store at image_size; later epochs and runs read memory
@@ -126,6 +135,10 @@ class ImageDataModule(L.LightningDataModule):
         rotation: Degrees = 15.0,
         hflip: bool = True,
         augment_on: AugmentOn = "auto",
+        auto_augment: Literal["none", "ta_wide", "ra", "augmix"] = "none",
+        random_erase: ClosedUnitInterval = 0.0,
+        mixup_alpha: NonNegativeFloat = 0.0,
+        cutmix_alpha: NonNegativeFloat = 0.0,
         decode_on: Literal["cpu", "device"] = "cpu",
         cache: bool = False,
         cache_dir: str | None = None,
@@ -226,11 +239,15 @@ class ImageDataModule(L.LightningDataModule):
         on_cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
         self.pin_memory = h.pin_memory if h.pin_memory is not None else on_cuda
         cpu_rotation, cpu_hflip = (0.0, False) if self.augment_on == "device" else (h.rotation, h.hflip)
+        recipe = recipe_augment(h.auto_augment, h.random_erase, h.mean)  # per image: in the workers wherever
         self.transforms = Transforms(
-            train_transform(h.image_size, cpu_rotation, cpu_hflip),
+            then(train_transform(h.image_size, cpu_rotation, cpu_hflip), recipe),
             eval_transform(h.image_size),
-            tensor_train_transform(cpu_rotation, cpu_hflip),
+            then(tensor_train_transform(cpu_rotation, cpu_hflip), recipe),
         )
+        mixing = ((v2.MixUp, h.mixup_alpha), (v2.CutMix, h.cutmix_alpha))
+        mixers = [mix(alpha=alpha, num_classes=len(self.classes)) for mix, alpha in mixing if alpha]
+        self.mix = v2.RandomChoice(mixers) if mixers else None
         on_device = self.augment_on == "device"
         self.device_transform = DeviceTransform(
             h.mean,
@@ -331,4 +348,8 @@ class ImageDataModule(L.LightningDataModule):
             self.decide_placement()
         images, labels = batch[0], batch[1]
         augment = self.trainer is not None and self.trainer.training
-        return (self.device_transform(images, augment=augment), labels, *batch[2:])
+        images = self.device_transform(images, augment=augment)
+        if augment and self.mix is not None:  # one draw per batch: MixUp and CutMix mix pairs of images anyway
+            mixed, targets = self.mix(images, labels)  # (B, C) soft targets; the labels stay for train/acc
+            return (mixed, labels, targets)
+        return (images, labels, *batch[2:])

@@ -119,6 +119,24 @@ class RandomResizeRotateFlip:
         return resize_rotate_flip(image, self.image_size or min(image.shape[-2:]), angle, flip)
 
 
+AUTO_AUGMENT = {"ta_wide": v2.TrivialAugmentWide, "ra": v2.RandAugment, "augmix": v2.AugMix}
+
+
+def then(first: Callable | None, extra: Callable | None) -> Callable | None:
+    """`first`, then `extra`, either of which may be None (nothing to do)."""
+    return v2.Compose([t for t in (first, extra) if t is not None]) if first and extra else first or extra
+
+
+def recipe_augment(auto_augment: str, random_erase: float, mean: Sequence[float]) -> Callable | None:
+    """Per-image training augmentation of a `(3, S, S)` uint8 image, after the resize: torchvision's
+    TrivialAugmentWide, RandAugment or AugMix, then random erasing with probability `random_erase`. Erased
+    pixels take the mean colour, which normalization maps to 0: torchvision's erasing after normalization."""
+    ops = [AUTO_AUGMENT[auto_augment]()] if auto_augment != "none" else []
+    if random_erase:
+        ops.append(v2.RandomErasing(p=random_erase, value=[round(255 * m) for m in mean]))
+    return v2.Compose(ops) if ops else None
+
+
 def eval_transform(image_size: int) -> v2.Compose:
     """Evaluation / prediction transform on a PIL image -> `(3, S, S)` uint8 tensor."""
     return v2.Compose([*resize_crop(image_size), v2.PILToTensor()])

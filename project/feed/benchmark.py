@@ -18,7 +18,10 @@ Sections:
 - stages: the per-image CPU cost of each stage (read, decode, rotate, resize, to-tensor, collate, copy),
   naive vs fast: where the time goes and what limits each pipeline;
 - overhead: a training step under Lightning's Trainer against a raw PyTorch loop (`training_step_benchmark`);
-- model_variants: the model-only rate with channels_last, bf16 autocast and torch.compile (the same).
+- model_variants: the model-only rate with channels_last, bf16 autocast and torch.compile (the same);
+- recipe: what the training-recipe flags cost: img/s of the DataModule's training loader at the training
+  side (224 px) with each per-image augmentation (`--auto_augment`, `--random_erase`), and ms per batch of
+  MixUp / CutMix on the device (`--mixup_alpha`, `--cutmix_alpha`).
 
 Every measurement uses `project.feed.throughput` (one loader timer with one warm-up rule, one model
 timer, one per-call timer, one endless loader, one worker sweep, one best-of-rounds) and every verdict
@@ -49,11 +52,15 @@ from project.feed.monitor import DataFeedMonitor, rate_reading
 from project.feed.pipelines_benchmark import compare_pipelines, make_benchmark_images, naive_dataset, stage_costs
 from project.feed.throughput import (
     Rate,
+    best_of,
     choose_workers,
+    measure_loader,
     measure_model,
     steady_loader,
     sweep_workers,
+    synchronize,
     time_calls,
+    torch_threads,
     usable_cpus,
 )
 from project.feed.training_step_benchmark import lightning_overhead, model_variants
@@ -315,8 +322,11 @@ def stages_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows:
     return stage_costs(data_dir, config.pipeline_image_size, config.pipeline_rotation, images, config.batch_size)
 
 
-def overhead_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows:
-    """Step time of ImageClassifier under the Trainer against a raw PyTorch loop on the same batches."""
+def overhead_section(
+    config: BenchmarkConfig, results: dict[str, Rows], run_callbacks: Callable[[], list[L.Callback]] | None = None
+) -> Rows:
+    """Step time of ImageClassifier under the Trainer against a raw PyTorch loop on the same batches, and
+    with a training run's callbacks when `run_callbacks` makes them."""
     return lightning_overhead(
         config.backbone,
         config.image_size,
@@ -325,6 +335,7 @@ def overhead_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows:
         precision=config.precision,
         steps=config.overhead_steps,
         rounds=2,
+        run_callbacks=run_callbacks,
     )
 
 
@@ -343,6 +354,88 @@ def model_variants_section(config: BenchmarkConfig, results: dict[str, Rows]) ->
     )
 
 
+# the recipe section's settings: torchvision's reference alphas; a quarter of the images erased, so the row
+# shows the cost of a typical probability (it grows with it: an image left alone costs nothing)
+PER_IMAGE_RECIPES = {
+    "none": {},
+    "ta_wide": {"auto_augment": "ta_wide"},
+    "ra": {"auto_augment": "ra"},
+    "augmix": {"auto_augment": "augmix"},
+    "random_erase 0.25": {"random_erase": 0.25},
+}
+BATCH_RECIPES = {"mixup 0.2": {"mixup_alpha": 0.2}, "cutmix 1.0": {"cutmix_alpha": 1.0}}
+
+
+def recipe_section(config: BenchmarkConfig, results: dict[str, Rows]) -> Rows:
+    """What each training-recipe flag costs, with the DataModule's own transforms.
+
+    Per image (`--auto_augment`, `--random_erase`): img/s of the training dataset through the steady loader,
+    `pipeline_workers` workers, 300 px (`source_size`) JPEGs to `pipeline_image_size` with the default rotation
+    and flip, nothing consuming the batches; `pipeline_rounds` interleaved rounds, the best kept. Per batch
+    (`--mixup_alpha`, `--cutmix_alpha`): ms of the DataModule's mixer on a normalized float batch already on
+    the device, as `on_after_batch_transfer` calls it.
+    """
+    size, workers = config.pipeline_image_size, config.pipeline_workers
+    data_dir = source_images(config, config.source_size, 2 * config.batch_size)
+
+    def datamodule(**recipe: Any) -> ImageDataModule:
+        dm = ImageDataModule(
+            data_dir,
+            image_size=size,
+            batch_size=config.batch_size,
+            rotation=config.rotation,
+            augment_on="cpu",  # where these flags' work runs whatever the accelerator: the workers
+            val_fraction=0.01,
+            **recipe,
+        )
+        dm.setup("fit")
+        return dm
+
+    def measure(recipe: dict[str, Any]) -> Callable[[], Rate]:
+        loader = steady_loader(datamodule(**recipe).train_set, config.batch_size, workers)
+        return lambda: measure_loader(loader, batches=config.pipeline_batches)
+
+    # the main process only receives batches here: the cores the workers leave, at least one thread
+    with torch_threads(usable_cpus() - workers):
+        best = best_of(config.pipeline_rounds, {name: measure(r) for name, r in PER_IMAGE_RECIPES.items()})
+    base = best["none"].per_s
+    rows = [
+        {
+            "augmentation": name,
+            "runs_on": "loader workers",
+            "num_workers": workers,
+            "image_size": size,
+            "img_per_s": round(rate.per_s, 1),
+            "vs_none": round(rate.per_s / base, 2),
+            "ms_per_batch": round(1000 * config.batch_size / rate.per_s, 1),
+            "cpu_ms_per_img": round(rate.cpu_ms_per_sample, 2),  # steadier than wall time on a busy machine
+        }
+        for name, rate in best.items()
+    ]
+
+    device = torch.device(config.accelerator)
+    images = torch.randn(config.batch_size, 3, size, size, device=device)  # (B, 3, S, S): normalized floats
+    for name, recipe in BATCH_RECIPES.items():
+        dm = datamodule(**recipe)
+        mix, labels = dm.mix, torch.randint(0, len(dm.classes), (config.batch_size,), device=device)
+
+        def call(_: int, mix: Callable = mix, labels: torch.Tensor = labels) -> None:
+            mix(images, labels)
+            synchronize(device)  # the batch is mixed when the call returns, not merely queued
+
+        rate = time_calls(call, 4, MIN_TIMED_SECONDS)
+        rows.append(
+            {
+                "augmentation": name,
+                "runs_on": f"device ({config.accelerator})",
+                "image_size": size,
+                "img_per_s": round(config.batch_size * rate.per_s, 1),
+                "ms_per_batch": round(rate.ms_per_sample, 2),
+            }
+        )
+    return rows
+
+
 SECTIONS: dict[str, Callable[[BenchmarkConfig, dict[str, Rows]], Rows]] = {
     "workers": workers_section,
     "sources": sources_section,
@@ -352,6 +445,7 @@ SECTIONS: dict[str, Callable[[BenchmarkConfig, dict[str, Rows]], Rows]] = {
     "stages": stages_section,
     "overhead": overhead_section,
     "model_variants": model_variants_section,
+    "recipe": recipe_section,
 }
 
 
@@ -377,6 +471,7 @@ TITLES = {
     "stages": "where the pipelines' time goes: CPU ms per image and stage, one process",
     "overhead": "Lightning's own cost: step time under the Trainer vs a raw PyTorch loop",
     "model_variants": "model side: model-only img/s by option",
+    "recipe": "training recipe: loader img/s with each per-image augmentation, ms per batch of MixUp / CutMix",
 }
 
 
@@ -448,9 +543,11 @@ def run_benchmark(
     logs_dir: Path,
     chart: Path | None = None,
     echo: Callable[[str], None] = print,
+    run_callbacks: Callable[[], list[L.Callback]] | None = None,
 ) -> dict[str, Rows]:
     """Run `sections` in order, print a table per section, write JSON (to `config.out_dir`), TensorBoard
-    scalars (under `logs_dir`) and the chart (default: `config.out_dir/data_feed.png`)."""
+    scalars (under `logs_dir`) and the chart (default: `config.out_dir/data_feed.png`). `run_callbacks`
+    makes a training run's callbacks, for the overhead section's last loop."""
     out_dir = config.out_dir
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
@@ -458,7 +555,10 @@ def run_benchmark(
     results: dict[str, Rows] = {}
     for name in tqdm(sections, desc="benchmark", unit="section", disable=not config.progress):
         start = time.perf_counter()
-        results[name] = SECTIONS[name](config, results)
+        if name == "overhead":
+            results[name] = overhead_section(config, results, run_callbacks)
+        else:
+            results[name] = SECTIONS[name](config, results)
         echo(f"\n{TITLES.get(name, name)}  ({time.perf_counter() - start:.1f} s)\n{format_table(results[name])}")
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "benchmark.json"

@@ -39,7 +39,6 @@ from project.data.builtin import generate_shapes
 from project.data.datamodule import ImageDataModule
 from project.data.folder import load_image
 from project.data.streaming import is_streaming_source
-from project.tools.streaming_writer import optimize_datamodule
 from project.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomResizeRotateFlip
 from project.feed.throughput import (
     Rate,
@@ -50,6 +49,7 @@ from project.feed.throughput import (
     torch_threads,
     usable_cpus,
 )
+from project.tools.streaming_writer import optimize_datamodule
 
 
 def make_benchmark_images(root: str | os.PathLike, image_size: int = 1024, per_class: int = 40) -> Path:

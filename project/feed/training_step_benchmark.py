@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import lightning as L
@@ -141,14 +141,6 @@ def trainer_step_rate(
     return Rate(timer.steps * len(batches[0][0]), timer.end[0] - timer.start[0], timer.end[1] - timer.start[1])
 
 
-def run_callbacks() -> list[L.Callback]:
-    """The callbacks of a default `scripts/train.py` run, its progress bar included (it replaces the one
-    `logged` would add)."""
-    from project.training import build_callbacks, parse_train_flags  # the run's own wiring, not a copy of it
-
-    return build_callbacks(parse_train_flags([]))
-
-
 def lightning_overhead(
     backbone: str = "simple_cnn",
     image_size: int = 64,
@@ -159,8 +151,11 @@ def lightning_overhead(
     steps: int = 30,
     warmup: int = 5,
     rounds: int = 2,
+    run_callbacks: Callable[[], list[L.Callback]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Raw loop vs `ImageClassifier` under the Trainer (bare, and with logger + progress bar).
+    """Raw loop vs `ImageClassifier` under the Trainer: bare, with logger + progress bar, and, given
+    `run_callbacks`, with the callbacks it makes (a training run's: the caller's, as this package imports
+    neither the run nor the callbacks).
 
     Each is timed `rounds` times, interleaved, and the fastest kept (other load on a shared machine
     only ever slows a run down). Rows: `{"loop", "backbone", "device", "ms_per_step", "images_per_s",
@@ -182,10 +177,11 @@ def lightning_overhead(
         "Lightning Trainer, TensorBoard logger + progress bar": lambda: trainer_step_rate(
             copy.deepcopy(module), batches, steps, warmup, precision, logged=True
         ),
-        "Lightning Trainer, train.py's callbacks (LR and feed monitors, views, fault guards)": lambda: (
-            trainer_step_rate(copy.deepcopy(module), batches, steps, warmup, precision, True, run_callbacks())
-        ),
     }
+    if run_callbacks is not None:  # fresh ones each round: callbacks keep state
+        loops["Lightning Trainer, train.py's callbacks (LR and feed monitors, views, fault guards)"] = lambda: (
+            trainer_step_rate(copy.deepcopy(module), batches, steps, warmup, precision, True, run_callbacks())
+        )
     best = best_of(rounds, loops)
     raw = best["raw PyTorch loop"]
     return [

@@ -1,12 +1,14 @@
 """Backbones: plain `nn.Module`s that map `(B, 3, H, W)` float images to `(B, num_classes)` logits.
 
 `build_backbone(name, num_classes)` looks `name` up in `BACKBONES` (this project's own models) and
-then among torchvision's classification architectures, always built with `weights=None` unless
-`pretrained=True` is asked for. To add a model, decorate a function with `@register_backbone("name")`.
+then among torchvision's classification architectures; `timm/<name>` is any timm model (the `timm` extra).
+Always built without weights unless `pretrained=True` is asked for. To add a model, decorate a function
+with `@register_backbone("name")`.
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 
 import torch
@@ -14,6 +16,8 @@ import torchvision
 from torch import nn
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+# `timm/<name>` routes to timm by its prefix; its ~1,300 models are never listed in --help or errors
+TIMM = "timm/"
 
 
 def register_backbone(name: str) -> Callable:
@@ -32,6 +36,15 @@ def torchvision_backbones() -> list[str]:
 
 def available_backbones() -> list[str]:
     return sorted(BACKBONES) + torchvision_backbones()
+
+
+def check_backbone(name: str) -> None:
+    """Raise ValueError, naming the choices, unless `build_backbone` knows `name` (timm checks its own)."""
+    if name not in available_backbones() and not name.startswith(TIMM):
+        raise ValueError(
+            f"unknown backbone {name!r}; choose simple_cnn, resnet18, mobilenet_v3_small, timm/<name>, ... "
+            f"(all: {', '.join(available_backbones())})"
+        )
 
 
 class SimpleCNN(nn.Module):
@@ -79,8 +92,13 @@ def _last_linear(model: nn.Module) -> str:
 
 
 def head_name(model: nn.Module) -> str:
-    """Name of `model`'s classification head: its `head` submodule (SimpleCNN, swin, ...), else the final
-    nn.Linear. Everything else is the feature extractor that fine-tuning freezes."""
+    """Name of `model`'s classification head: a timm model's `get_classifier()`, its `head` submodule
+    (SimpleCNN, swin, ...), else the final nn.Linear. Everything else is the feature extractor that
+    fine-tuning freezes."""
+    # timm's heads come in many shapes (a 1x1 conv, a Linear after a norm): each model knows its own
+    classifier = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else None
+    if named := [n for n, m in model.named_modules() if m is classifier]:
+        return named[0]
     return "head" if isinstance(getattr(model, "head", None), nn.Module) else _last_linear(model)
 
 
@@ -98,12 +116,33 @@ def _pretrained_torchvision(name: str, num_classes: int, **kw) -> nn.Module:
         model = torchvision.models.get_model(name, weights=weights, **kw)
     except Exception as error:  # URLError, HTTPError, SSL errors, ...: all mean "could not fetch"
         cache = f"{torch.hub.get_dir()}/checkpoints/{weights.url.rsplit('/', 1)[-1]}"
-        raise RuntimeError(
+        raise ConnectionError(
             f"--pretrained: could not fetch the {name} weights ({type(error).__name__}: {error}). "
             f"Download {weights.url} on a connected machine and put it at {cache}, or train without --pretrained."
         ) from error
     _replace_last_linear(model, num_classes)
     return model
+
+
+def timm_backbone(name: str, num_classes: int, pretrained: bool = False, **kw) -> nn.Module:
+    """timm's model `name` with a `num_classes`-way head; timm is imported here only, so runs without it pay nothing."""
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(f'--backbone timm/{name} needs timm, an optional extra: pip install -e ".[timm]"') from None
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=4)  # all ~1,300 names: milliseconds
+        raise ValueError(f"unknown timm model {name!r}; close: {', '.join(TIMM + c for c in close) or 'none'}")
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kw)
+    except Exception as error:  # Hub, HTTP, SSL errors, ...: all mean the weights could not be had (offline: ~1 min)
+        if not pretrained:
+            raise
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise ConnectionError(
+            f"--pretrained: could not fetch the timm/{name} weights ({type(error).__name__}: {reason}). "
+            "Run once on a connected machine (timm keeps them in the Hugging Face cache) or train without --pretrained."
+        ) from error
 
 
 # their auxiliary classifiers make the training forward return a tuple; the loss takes the main logits only
@@ -112,16 +151,14 @@ WITHOUT_AUX_HEADS = {"googlenet": {"aux_logits": False}, "inception_v3": {"aux_l
 
 def build_backbone(name: str, num_classes: int, pretrained: bool = False, **kw) -> nn.Module:
     """Build backbone `name` with a `num_classes`-way head. Nothing is downloaded unless `pretrained`."""
+    check_backbone(name)
     if name in BACKBONES:
         return BACKBONES[name](num_classes, pretrained=pretrained, **kw)
-    if name in torchvision_backbones():
-        kw = {**WITHOUT_AUX_HEADS.get(name, {}), **kw}
-        if pretrained:
-            return _pretrained_torchvision(name, num_classes, **kw)
-        if name in WITHOUT_AUX_HEADS:
-            kw.setdefault("init_weights", True)  # torchvision warns that its default init will change
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
-    raise ValueError(
-        f"unknown backbone {name!r}; choose simple_cnn, resnet18, mobilenet_v3_small, ... "
-        f"(all: {', '.join(available_backbones())})"
-    )
+    if name.startswith(TIMM):
+        return timm_backbone(name.removeprefix(TIMM), num_classes, pretrained, **kw)
+    kw = {**WITHOUT_AUX_HEADS.get(name, {}), **kw}  # one of torchvision's
+    if pretrained:
+        return _pretrained_torchvision(name, num_classes, **kw)
+    if name in WITHOUT_AUX_HEADS:
+        kw.setdefault("init_weights", True)  # torchvision warns that its default init will change
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)

@@ -126,14 +126,15 @@ class ImageClassifier(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)  # a no-op when the DataModule already did it
         return self.model(x)  # (B, 3, H, W) normalized float -> (B, num_classes) logits
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        images, labels = batch
+    def _shared_step(self, batch: tuple[torch.Tensor, ...], stage: str) -> torch.Tensor:
+        images, labels, *mixed = batch  # mixed: a MixUp / CutMix training batch's (B, C) soft targets
         logits = self(images)
-        loss = self.criterion(logits, labels)
+        loss = self.criterion(logits, mixed[0] if mixed else labels)
         metrics = getattr(self, f"{stage}_metrics")
         training = stage == "train"
         # accumulate on the device; accuracy is computed once per epoch (a per-step batch value would cost
-        # a second computation and more logging every step, for a noisy curve the loss already shows)
+        # a second computation and more logging every step, for a noisy curve the loss already shows).
+        # train/acc counts the un-mixed labels: the class each image mostly shows
         metrics.update(logits, labels)
         # one curve per name: train/loss per step, val/loss and test/loss per epoch (no _step/_epoch suffixes).
         # Not prog_bar per step: Lightning would read it back to the host after every step (a GPU sync);

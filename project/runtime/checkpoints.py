@@ -3,7 +3,11 @@
 A checkpoint is written to a hidden temporary file in its own folder, flushed to disk and renamed over
 the target, so a job killed mid-write leaves the previous file intact, never a half-written one.
 (Lightning's own writer stages the file in the system temp folder and moves it, which is a copy, not
-a rename, when that folder is on another file system.)
+a rename, when that folder is on another file system.) The temporary file is named after its writer's
+host and PID: what a killed writer left is removed by the next save into that folder and by the next
+run's checkpoint setup, while the file of a writer that is still alive is left to it. A disk that is
+too full for the checkpoint's tensors is refused before writing; one that fills up mid-write ends
+with an `OSError(ENOSPC)` naming the file, and either way the previous checkpoint stays as it was.
 
 A checkpoint is data, never code: every file is read with torch's weights-only unpickler, which builds
 tensors, numbers, strings, lists and dicts and refuses anything that would import or call code. It reads
@@ -13,13 +17,16 @@ checkpoints and checkpoints of other models end with one line naming the file an
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
+import socket
 import sys
 import uuid
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -37,6 +44,94 @@ INTERRUPTED = "interrupted.ckpt"  # written when a run is stopped by SIGTERM / S
 HPARAMS = ("backbone", "num_classes")  # what marks a checkpoint as an ImageClassifier's
 
 
+# errors that mean the disk (or the user's quota on it) is full
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _temp_name(path: Path) -> Path:
+    # hidden and not *.ckpt, so nothing that lists checkpoints ever sees a partial file; host and PID tell
+    # whether its writer is still alive
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temp_files(folders: Iterable[str | os.PathLike]) -> list[Path]:
+    """Remove the temporary checkpoint files in `folders` whose writer, on this host, is no longer alive.
+
+    A writer killed mid-write (the OOM killer, `kill -9`, a pre-empted node) leaves its temporary file
+    behind. One whose writer is alive belongs to a save in progress, and one from another host (a shared
+    file system) cannot be checked from here: both are left alone. Returns the files removed.
+    """
+    pattern = re.compile(rf"\..+\.{re.escape(socket.gethostname())}\.(\d+)-[0-9a-f]{{8}}\.tmp")
+    removed = []
+    for folder in folders:
+        with suppress(OSError):  # a folder that is not there (yet) has nothing to clean
+            for entry in os.scandir(folder):
+                match = pattern.fullmatch(entry.name)
+                if match and not _alive(int(match.group(1))):
+                    with suppress(FileNotFoundError):  # another process cleaning the same folder
+                        os.unlink(entry.path)
+                        removed.append(Path(entry.path))
+    return removed
+
+
+def _tensor_bytes(obj: Any, seen: set[tuple[str, int]]) -> int:
+    """The bytes of the tensors in `obj` (dicts, lists, tuples), each storage counted once."""
+    if isinstance(obj, torch.Tensor):
+        try:
+            storage = obj.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # no plain storage (sparse, wrapper subclasses)
+            return obj.element_size() * obj.nelement()
+        key = (str(obj.device), storage.data_ptr())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(value, seen) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(value, seen) for value in obj)
+    return 0
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+def check_free_space(folder: str | os.PathLike, needed: int, path: str | os.PathLike) -> None:
+    """`OSError(ENOSPC)` naming `path` when `folder`'s disk has fewer than `needed` bytes free."""
+    usage = shutil.disk_usage(folder)
+    # some network and FUSE file systems report no size at all: nothing to check against there
+    if usage.total and usage.free < needed:
+        free = usage.free
+        raise OSError(errno.ENOSPC, f"needs about {_size(needed)}, {_size(free)} free", str(path))
+
+
+def _disk_full(error: BaseException) -> OSError | None:
+    """The out-of-space `OSError` behind `error`: torch.save reports a failed write as a RuntimeError raised
+    while handling it."""
+    seen: list[BaseException] = []
+    while error is not None and all(error is not other for other in seen):
+        if isinstance(error, OSError) and error.errno in DISK_FULL:
+            return error
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return None
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """`torch.save` into a temporary file beside the target, fsync, then `os.replace` onto it; loads as data only."""
 
@@ -48,18 +143,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # hidden and not *.ckpt, so nothing that lists checkpoints ever sees a partial file
-        tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        remove_stale_temp_files([path.parent])
+        # the tensors are nearly all of the file, and counting them costs no pickling; the previous file
+        # stays until the rename, so the new one needs all of that room besides it
+        check_free_space(path.parent, _tensor_bytes(checkpoint, set()), path)
+        tmp = _temp_name(path)
         try:
             with open(tmp, "xb") as file:  # not mkstemp: its files are private (0600), checkpoints are not
                 torch.save(checkpoint, file)
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as error:
             with suppress(FileNotFoundError):
                 os.unlink(tmp)
-            raise
+            full = _disk_full(error)
+            if full is None:
+                raise
+            free = _size(shutil.disk_usage(path.parent).free)
+            raise OSError(full.errno, f"{full.strerror}, {free} free", str(path)) from error
 
     def load_checkpoint(
         self,
@@ -81,6 +183,14 @@ class RollingLastModelCheckpoint(ModelCheckpoint):
     2.x runs the epoch's validation before `on_train_epoch_end`, so the file holds the finished epoch, the
     same state `ModelCheckpoint(save_on_train_epoch_end=True)` saves.
     """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # a run killed mid-save left its temporary file in its own run folder, which no later save writes
+        # into: a resumed run logs into a new version_N
+        if trainer.is_global_zero and stage == "fit":
+            runs = Path(trainer.default_root_dir, LOGS).glob("version_*/checkpoints")
+            remove_stale_temp_files([*runs, *([self.dirpath] if self.dirpath else [])])
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)

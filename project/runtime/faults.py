@@ -1,4 +1,5 @@
-"""What a run does when something goes wrong: interruptions, non-finite losses, unreadable images, dead workers.
+"""What a run does when something goes wrong: interruptions, non-finite losses, unreadable images, dead workers,
+a full disk; and how it ends, so that no thread or process outlives it.
 
 Each fault ends the run with one line that says what happened and what to do, and an interruption
 leaves a checkpoint that `--ckpt_path last` resumes from.
@@ -9,11 +10,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
 import sys
 import threading
 import traceback
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from project.data.folder import BadImageError
-from project.runtime.checkpoints import INTERRUPTED
+from project.runtime.checkpoints import DISK_FULL, INTERRUPTED
 
 
 class TrainingStopped(RuntimeError):
@@ -171,13 +173,13 @@ class BadImageMonitor(Callback):
     def __init__(self, max_bad_fraction: float = 0.01) -> None:
         self.max_bad_fraction = max_bad_fraction
         self.bad: dict[str, None] = {}  # unique paths, in the order they were met
+        self._read = 0  # entries of the DataModule's bad_images already counted
         self._reported = 0
 
     def _collect(self, trainer: L.Trainer) -> None:
-        found = getattr(trainer.datamodule, "bad_images", None)
-        if found:
-            self.bad.update(dict.fromkeys(found))
-            found.clear()
+        found = getattr(trainer.datamodule, "bad_images", [])  # only grows: read what came since the last look
+        self.bad.update(dict.fromkeys(found[self._read :]))
+        self._read = len(found)
 
     def _check(self, trainer: L.Trainer, count: int) -> None:
         datamodule = trainer.datamodule
@@ -251,6 +253,22 @@ def _worker_died(error: BaseException) -> bool:
     return isinstance(error, (ConnectionError, EOFError)) and any("multiprocessing" in name for name in frames)
 
 
+def _disk_full(error: BaseException) -> str | None:
+    """The line for a full disk behind `error` (a checkpoint, a cache or a log; the writer removed its partial
+    file), None when there is none."""
+    full = next((c for c in _chain(error) if isinstance(c, OSError) and c.errno in DISK_FULL), None)
+    if full is None:
+        return None
+    where = ""
+    if full.filename:
+        folder = os.path.dirname(os.path.abspath(full.filename))
+        where = f" writing {os.path.basename(full.filename)} into {folder!r}"
+    return (
+        f"the disk is full ({full.strerror}){where}: free some space on it, or write to another disk "
+        "(--default_root_dir for runs and checkpoints, --cache_dir for the decoded cache)"
+    )
+
+
 def explain_failure(error: BaseException) -> str | None:
     """One line saying what went wrong and what to do, for the failures a user can fix; None otherwise.
 
@@ -264,6 +282,9 @@ def explain_failure(error: BaseException) -> str | None:
             return cause.summary
         if isinstance(cause, TrainingStopped):
             return str(cause)
+    full = _disk_full(error)
+    if full is not None:
+        return full
     texts = [str(cause) for cause in chain]
     died = any(_worker_died(cause) for cause in chain)
     # a bus error, or a worker's failed allocation (re-raised as "Caught ... in DataLoader worker process N")
@@ -303,6 +324,45 @@ def _worker_reports_set_aside() -> Iterator[None]:
             signal.signal(signal.SIGCHLD, previous)
 
 
+# how long the end of a run waits for a DDP process it started to end on its own before killing it
+DDP_EXIT_GRACE_S = 60.0
+
+
+def end_run(
+    trainer: L.Trainer, failed: bool = False, prog: str = "train.py", grace_s: float = DDP_EXIT_GRACE_S
+) -> None:
+    """End what a DDP run leaves running, in order, so that nothing outlives the run; call it after fit and test.
+
+    Lightning leaves two things running under DDP. The gloo process group: Lightning destroys only NCCL's
+    at exit, and gloo's threads, alive while the interpreter shuts down, may then release a Python object
+    and abort the process ("terminate called without an active exception", exit code -6, now and then).
+    And the processes rank 0 started for the other ranks: its launcher does not wait for them. So every
+    process waits for the others (not after a failure: one may never come), destroys the process group,
+    and rank 0 waits for its processes, killing any still running after `grace_s`. Outside DDP it does
+    nothing. After a run that succeeded here, a process that failed ends this one: one line, exit code 1.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if not failed:
+            with suppress(RuntimeError):  # a process that failed has left: its exit code tells, below
+                torch.distributed.barrier()
+        # after a failure the group may be broken too; the failure's own line is what the user needs
+        with suppress(RuntimeError) if failed else nullcontext():
+            torch.distributed.destroy_process_group()
+    launcher = trainer.strategy.launcher
+    failures = []
+    for rank, process in enumerate(getattr(launcher, "procs", None) or [], start=1):
+        try:
+            code = process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = process.wait()
+        if code != 0:
+            failures.append(f"local rank {rank} (pid {process.pid}) with exit code {code}")
+    if failures and not failed:
+        print(f"{prog}: error: DDP process ended with an error: {', '.join(failures)}", file=sys.stderr)
+        raise SystemExit(1)
+
+
 @contextmanager
 def clear_failures(trainer: L.Trainer, prog: str = "train.py") -> Iterator[None]:
     """Turn the end of an interrupted or failed run into an exit code and one line on stderr.
@@ -316,13 +376,14 @@ def clear_failures(trainer: L.Trainer, prog: str = "train.py") -> Iterator[None]
     except BaseException as error:
         with _worker_reports_set_aside():
             if interrupt is not None and interrupt.signal is not None:
-                code, message = interrupt.exit_code, None
+                code, message = interrupt.exit_code, _disk_full(error)  # its checkpoint could not be written
             elif isinstance(error, SIGTERMException):
                 code, message = 128 + signal.SIGTERM, None
             else:
                 code, message = 1, explain_failure(error)
-                if message is None:
-                    raise
             if message is not None:
                 print(f"{prog}: error: {message}", file=sys.stderr)
+            end_run(trainer, failed=True)  # a DDP run's other processes end too, not only this one
+            if code == 1 and message is None:  # a failure nobody explains keeps its traceback
+                raise
         raise SystemExit(code) from None

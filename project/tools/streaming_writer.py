@@ -42,7 +42,6 @@ def write_metadata(root: str, metadata: dict[str, Any]) -> None:
         object_store(root).upload_file(local, join(root, METADATA))
 
 
-
 def encode_image(path: str, max_size: int) -> bytes:
     """`path` decoded (RGB, upright), its shorter side brought down to `max_size` (never up), as JPEG bytes.
 
@@ -130,7 +129,9 @@ def optimize_datamodule(
     classes, seed and bad-image handling. Returns the metadata written to classes.json.
     """
     if datamodule.source.stores_decoded:
-        raise ValueError(f"--data_dir {datamodule.hparams.data_dir}: give an image folder, not a {datamodule.source.name}")
+        raise ValueError(
+            f"--data_dir {datamodule.hparams.data_dir}: give an image folder, not a {datamodule.source.name}"
+        )
     datamodule.prepare_data()
     datamodule.setup("fit")
     datamodule.setup("test")
