@@ -20,7 +20,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.profilers import AdvancedProfiler, PyTorchProfiler, SimpleProfiler
 
-from project.callbacks import build_callbacks
+from project.callbacks import build_callbacks, early_stop_line
 from project.cli import (
     Accelerator,
     FlagParser,
@@ -33,10 +33,12 @@ from project.cli import (
 )
 from project.conflicts import conflict
 from project.data import ImageDataModule
-from project.data.streaming import is_streaming_source, is_url
+from project.data.streaming import is_streaming_source, is_url, unfinished_write
+from project.feed.cache_builder import ensure_cache
 from project.feed.throughput import auto_num_workers
 from project.models import ImageClassifier
 from project.models.backbones import check_backbone
+from project.models.classifier import Fraction
 from project.runtime.checkpoints import LOGS, AtomicCheckpointIO, check_resumable, model_checkpoint, resolve_ckpt_path
 from project.runtime.console import configure_console
 from project.runtime.faults import clear_failures, end_run
@@ -57,6 +59,9 @@ class RunOptions:
         feed_monitor: measure the data wait of every step and say whether data or model is the bottleneck
         freeze_backbone: train only the classification head; the feature extractor is frozen
         unfreeze_at_epoch: with freeze_backbone: unfreeze the feature extractor at this epoch (0-based)
+        ema_decay: keep a moving average of the weights, this decay per step (below 1, e.g. 0.999), for
+            validation, checkpoints, test, predict and export (0: off)
+        early_stopping_patience: stop when val/acc has not improved for this many epochs (0: off)
     """
 
     datamodule: str = "project.data.ImageDataModule"
@@ -66,6 +71,8 @@ class RunOptions:
     feed_monitor: bool = True
     freeze_backbone: bool = False
     unfreeze_at_epoch: NonNegativeInt | None = None
+    ema_decay: Fraction = 0.0
+    early_stopping_patience: NonNegativeInt = 0
 
 
 @dataclass
@@ -114,7 +121,7 @@ FROM_DATA = {"num_classes", "class_names", "image_size", "mean", "std"}
 
 def train_parser(datamodule_class: type = ImageDataModule) -> FlagParser:
     """train.py's flags: the DataModule's, ImageClassifier's, RunOptions' and TrainerOptions'."""
-    skip = {"collate_fn", "predict_paths", "mean", "std"}
+    skip = {"collate_fn", "cache_builder", "predict_paths", "mean", "std"}
     return flag_parser(
         "train.py",
         "Train an image classifier (Lightning) on an image folder or a streaming dataset (optimize_data.py). "
@@ -161,6 +168,8 @@ def check_flags(values: dict[str, Any]) -> None:
     data_dir, root = values.get("data_dir"), values["default_root_dir"]
     if data_dir is not None and not is_url(data_dir) and not Path(data_dir).is_dir():
         raise UsageError(f"argument --data_dir: no such folder {data_dir!r}")
+    if data_dir is not None and (unfinished := unfinished_write(data_dir)):  # a killed optimize_data.py's
+        raise UsageError(unfinished)
     if Path(root).exists() and not Path(root).is_dir():
         raise UsageError(f"argument --default_root_dir: {root!r} is a file, not a folder")
     try:
@@ -207,7 +216,8 @@ def check_accelerator(accelerator: str) -> None:
 
 def build_datamodule(values: dict[str, Any]) -> L.LightningDataModule:
     cls = load_datamodule_class(values.get("datamodule", RunOptions.datamodule))
-    return cls(**kwargs_for(cls, values))  # num_workers auto: the DataModule's stand-in until the sweep
+    # num_workers auto: the DataModule's stand-in until the sweep
+    return cls(**kwargs_for(cls, {**values, "cache_builder": ensure_cache}))
 
 
 def build_model(values: dict[str, Any], datamodule: L.LightningDataModule) -> ImageClassifier:
@@ -258,7 +268,7 @@ def train(values: dict[str, Any]) -> dict[str, Any]:
     """Fit, validate every epoch, test the best checkpoint when there is a test split; print a summary.
 
     `values` are train.py's flags (`parse_train_flags`). Returns the figures of the summary:
-    best_val_acc, test_acc, best_checkpoint, last_checkpoint, log_dir.
+    best_val_acc, test_acc, best_checkpoint, last_checkpoint, log_dir, stopped_early.
     """
     configure_console()
     ckpt_path = resolve_ckpt_path(values["ckpt_path"], values["default_root_dir"])
@@ -292,6 +302,7 @@ def train(values: dict[str, Any]) -> dict[str, Any]:
         "last_checkpoint": checkpoint.last_model_path or None,
         "log_dir": trainer.log_dir,
         "test_acc": None,
+        "stopped_early": early_stop_line(trainer),
     }
     if getattr(datamodule, "test_set", None) is not None and not trainer.interrupted:
         with clear_failures(trainer):
@@ -311,6 +322,8 @@ def print_summary(results: dict[str, Any], root: str) -> None:
 
     logs = os.path.relpath(Path(root) / LOGS)
     print(f"\nbest val/acc {fmt(results['best_val_acc'])}   test/acc {fmt(results['test_acc'])}")
+    if results["stopped_early"]:
+        print(results["stopped_early"])
     if results["best_checkpoint"]:
         print(f"best checkpoint: {os.path.relpath(results['best_checkpoint'])}")
     if results["last_checkpoint"]:

@@ -1,7 +1,8 @@
 """Look inside a model: `python scripts/inspect_model.py --backbone resnet18 --num_classes 10 [--checkpoint PATH]`.
 
 Prints the module tree, parameter counts per module (trainable / frozen), totals and size by dtype,
-the state_dict's keys, each top-level child's output shape, and gradient norms after one backward pass.
+the state_dict's keys, each top-level child's output shape, and gradient norms after one backward pass;
+for a checkpoint, first which weights it holds (the moving average of --ema_decay, or the trained ones).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import argparse  # noqa: E402
 
 from project.cli import Parser, UsageError, positive_int  # noqa: E402
 from project.models import build_backbone  # noqa: E402
-from project.runtime.checkpoints import load_classifier  # noqa: E402
+from project.runtime.checkpoints import load_checkpoint_safely, load_classifier  # noqa: E402
 from project.tools.finetune import freeze_feature_extractor  # noqa: E402
-from project.tools.inspection import format_report, inspect_model  # noqa: E402
+from project.tools.inspection import format_report, inspect_model, weights_shown  # noqa: E402
 
 
 def parser() -> Parser:
@@ -63,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"checkpoint {args.checkpoint}: backbone {hp.backbone}, {num_classes} classes "
                 f"({', '.join(hp.class_names)}), image size {image_size}\n"
+                f"{weights_shown(load_checkpoint_safely(args.checkpoint))}\n"
             )
         else:
             model = build_backbone(args.backbone, args.num_classes)

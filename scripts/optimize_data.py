@@ -6,11 +6,15 @@ Reads DIR as training does (train/, val/ or a val split off train/, test/; the b
 when --data_dir is omitted) and writes OUT/train, OUT/val, OUT/test and OUT/classes.json. OUT is a folder
 or an object-storage URL (s3://bucket/prefix with AWS credentials as boto3 finds them, gs://bucket/prefix
 with Google's); then `python scripts/train.py --data_dir OUT` streams from it.
+
+Killed, or stopped by a full disk, the same command run again completes OUT: the splits already written are
+kept. A local OUT's size is estimated first, and a disk without room for it refused before anything is written.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 from project.cli import Parser, UsageError, positive_int  # noqa: E402
 from project.data import ImageDataModule  # noqa: E402
 from project.data.folder import BadImageError  # noqa: E402
-from project.tools.streaming_writer import optimize_datamodule  # noqa: E402
+from project.runtime.checkpoints import DISK_FULL  # noqa: E402
+from project.tools.streaming_writer import CHUNK_BYTES, IMAGE_SIZE, optimize_datamodule  # noqa: E402
+
+UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3}  # as litdata counts them: 1 KB = 1000 bytes
+
+
+def byte_count(text: str) -> int:
+    """`64MB`, `512KB` or a plain number of bytes."""
+    found = re.fullmatch(r"(\d+)\s*([kmg]?)b?", text.strip().lower())
+    if found is None or int(found[1]) < 1:
+        raise ValueError(text)
+    return int(found[1]) * UNITS[found[2]]
 
 
 def parser() -> Parser:
@@ -33,7 +48,7 @@ def parser() -> Parser:
         "--image_size",
         "--image-size",
         type=positive_int,
-        default=256,
+        default=IMAGE_SIZE,
         help="images are stored with their shorter side at most this many pixels (never upscaled)",
     )
     p.add_argument(
@@ -42,6 +57,13 @@ def parser() -> Parser:
         type=positive_int,
         default=max(1, (os.cpu_count() or 1) - 1),
         help="processes that decode, resize and encode",
+    )
+    p.add_argument(
+        "--chunk_bytes",
+        "--chunk-bytes",
+        type=byte_count,
+        default=CHUNK_BYTES,
+        help="bytes per chunk file (e.g. 64MB, 512KB): the unit a training process downloads and caches",
     )
     p.add_argument("--seed", type=int, default=0, help="seeds the validation split and the stored order")
     p.add_argument(
@@ -60,10 +82,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     datamodule = ImageDataModule(args.data_dir, seed=args.seed, skip_bad_images=args.skip_bad_images)
     try:
-        written = optimize_datamodule(datamodule, args.output_dir, args.image_size, args.num_workers)
+        written = optimize_datamodule(
+            datamodule, args.output_dir, args.image_size, args.num_workers, chunk_bytes=args.chunk_bytes
+        )
     except (UsageError, FileNotFoundError, ValueError) as error:
         print(f"optimize_data.py: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if error.errno not in DISK_FULL:
+            raise
+        where = f" ({error.filename})" if error.filename else ""  # litdata's own writes name their file
+        print(f"optimize_data.py: error: {error.strerror}{where}", file=sys.stderr)
+        return 1
     except BadImageError as error:
         print(f"optimize_data.py: error: {error.summary}", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ import torch
 
 from project.data import ImageDataModule
 from project.models import ImageClassifier
+from project.tools.predict import PredictDataModule
 
 BATCHES = 2
 
@@ -42,8 +43,9 @@ def plain(dm: ImageDataModule, loader) -> list[torch.Tensor]:
 
 def test_device_augmentation_changes_training_batches_only(tiny_shapes):
     L.seed_everything(0, verbose=False)
-    dm = ImageDataModule(
-        tiny_shapes,
+    dm = PredictDataModule(
+        [tiny_shapes / "test"],
+        data_dir=tiny_shapes,
         image_size=32,
         batch_size=8,
         num_workers=0,
@@ -51,7 +53,6 @@ def test_device_augmentation_changes_training_batches_only(tiny_shapes):
         augment_on="device",
         rotation=45,
         hflip=True,
-        predict_paths=[tiny_shapes / "test"],
     )
     record = RecordBatches()
     trainer = L.Trainer(

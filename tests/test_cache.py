@@ -18,11 +18,11 @@ from project.data.cache import (
     cache_key,
     check_cache,
     default_cache_dir,
-    ensure_cache,
     layout,
 )
 from project.data.folder import BadImageError, ImageFolderDataset
 from project.data.transforms import eval_transform
+from project.feed.cache_builder import ensure_cache
 
 SIZE = 32
 
@@ -171,7 +171,7 @@ def test_datamodule_cache_serves_uint8_batches_with_the_same_labels(shapes: Path
     kw = dict(image_size=SIZE, batch_size=8, num_workers=0, shuffle=False, rotation=10.0, augment_on="cpu")
     plain = ImageDataModule(shapes, **kw)
     plain.setup("fit")
-    dm = ImageDataModule(shapes, cache=True, cache_dir=tmp_path / "cache", **kw)
+    dm = ImageDataModule(shapes, cache=True, cache_dir=tmp_path / "cache", cache_builder=ensure_cache, **kw)
     dm.setup("fit")
     assert isinstance(dm.train_set, CachedImageDataset) and isinstance(dm.val_set, CachedImageDataset)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f"train-{SIZE}px.u8", f"val-{SIZE}px.u8"]

@@ -19,8 +19,9 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from project.data import cache
-from project.data.cache import HEADER_BYTES, CachedImageDataset, check_cache, ensure_cache, layout
+from project.data.cache import HEADER_BYTES, CachedImageDataset, check_cache, layout
+from project.feed import cache_builder as cache
+from project.feed.cache_builder import ensure_cache
 from tests.killing import Victim, leftovers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, {root!r})
-from project.data.cache import ensure_cache
+from project.feed.cache_builder import ensure_cache
 
 path, signals, key = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 count, size, workers, hold_at = (int(arg) for arg in sys.argv[4:8])
@@ -77,7 +78,7 @@ class Synthetic(Dataset):
 
 
 class Clock:
-    """Stands in for `time` in project.data.cache, whose `sleep` is how `build_lock` waits for another builder."""
+    """Stands in for `time` in project.feed.cache_builder, whose `sleep` is how `build_lock` waits."""
 
     def __init__(self, on_sleep: Callable[[float], Any]) -> None:
         self.on_sleep, self.sleeps = on_sleep, 0

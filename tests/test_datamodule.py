@@ -12,6 +12,7 @@ from torch.utils.data import RandomSampler, SequentialSampler, WeightedRandomSam
 
 from project.data import ImageDataModule, generate_shapes
 from project.data.sources import stratified_split
+from project.tools.predict import PredictDataModule
 from tests.conftest import write_image
 
 
@@ -177,9 +178,7 @@ def test_val_with_other_classes_is_rejected(tiny_shapes, tmp_path):
 
 
 def test_test_and_predict_loaders(tiny_shapes):
-    dm = ImageDataModule(
-        data_dir=tiny_shapes, image_size=32, num_workers=0, predict_paths=[tiny_shapes / "test" / "star"]
-    )
+    dm = PredictDataModule([tiny_shapes / "test" / "star"], data_dir=tiny_shapes, image_size=32, num_workers=0)
     dm.setup("test")
     dm.setup("predict")
     assert len(dm.test_set) == 80 and dm.test_set.classes == dm.classes

@@ -1,7 +1,15 @@
 """The Lightning callbacks of the extras, importable from one place (`from project.callbacks import ...`),
 and the set a `scripts/train.py` run uses (`build_callbacks`)."""
 
-from project.callbacks.run import BAR_METRICS, PROGRESS_REFRESH_STEPS, StepMetricsBar, build_callbacks
+from project.callbacks.ema import EMA
+from project.callbacks.run import (
+    BAR_METRICS,
+    PROGRESS_REFRESH_STEPS,
+    StepMetricsBar,
+    ValAccEarlyStopping,
+    build_callbacks,
+    early_stop_line,
+)
 from project.feed.monitor import DataFeedMonitor
 from project.runtime.faults import BadImageMonitor, InterruptCheckpoint, NonFiniteLossGuard
 from project.tools.finetune import FreezeBackbone
@@ -19,6 +27,7 @@ __all__ = [
     "AugmentedBatchGrid",
     "BadImageMonitor",
     "ConfusionMatrixLogger",
+    "EMA",
     "DataFeedMonitor",
     "FreezeBackbone",
     "HparamsSummary",
@@ -27,5 +36,7 @@ __all__ = [
     "ModelGraphLogger",
     "NonFiniteLossGuard",
     "StepMetricsBar",
+    "ValAccEarlyStopping",
     "build_callbacks",
+    "early_stop_line",
 ]

@@ -2,7 +2,6 @@
 
 from project.data.builtin import generate_shapes
 from project.data.datamodule import ImageDataModule
-from project.data.files import ImageFileDataset
 from project.data.folder import IMG_EXTENSIONS, ImageFolderDataset
 from project.data.sources import (
     DataSource,
@@ -20,7 +19,6 @@ __all__ = [
     "DecodedCacheSource",
     "EncodedJpegSource",
     "ImageDataModule",
-    "ImageFileDataset",
     "ImageFolderDataset",
     "ImageFolderSource",
     "OwnDatasetsSource",

@@ -1,7 +1,7 @@
 """`ImageDataModule`: everything about data for a run, from files to normalized batches on the device.
 
 It picks where the data comes from (one source, `project.data.sources`), owns the datasets (train / val /
-test / predict), the DataLoaders with every setting people tune, and the batch work done on the device after
+test), the DataLoaders with every setting people tune, and the batch work done on the device after
 transfer (`on_after_batch_transfer`).
 """
 
@@ -30,7 +30,6 @@ from torchvision.transforms import v2
 from project.conflicts import conflict
 from project.data.builtin import generate_shapes
 from project.data.cache import default_cache_dir
-from project.data.files import ImageFileDataset, list_images
 from project.data.folder import SkipBadCollate, SkipBadImages
 from project.data.sources import (
     DataSource,
@@ -62,7 +61,7 @@ Seed = restricted_number_type("Seed", int, [(">=", 0), ("<=", 2**32 - 1)])
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Image data for training, evaluation and prediction: an image folder, its decoded cache, a streaming
+    """Image data for training and evaluation: an image folder, its decoded cache, a streaming
     dataset written by scripts/optimize_data.py, or your own datasets (override `datasets`).
 
     Every parameter is also a flag of `scripts/train.py` (same name, its type, default and the line below as
@@ -72,7 +71,7 @@ class ImageDataModule(L.LightningDataModule):
     What the extras read (and never write): `source` (the `DataSource` the flags picked), `classes`,
     `preprocessing`, `num_workers` (the worker count in use: the training run alone sets it, after measuring),
     `augment_on` ("cpu" or "device", decided at the first `setup`), `pin_memory`, `bad_images` (unreadable
-    files skipped so far; it only grows), `train_set`, `val_set`, `test_set`, `predict_set`, `device_transform`.
+    files skipped so far; it only grows), `train_set`, `val_set`, `test_set`, `device_transform`.
 
     Args:
         data_dir: data_dir/train/<class>/* with optional val/ and test/ beside it (a folder of class folders alone is
@@ -85,6 +84,8 @@ class ImageDataModule(L.LightningDataModule):
         shuffle: shuffle the training data every epoch
         sampler: random (plain shuffle) or balanced (class-balanced weighted sampling with replacement)
         collate_fn: the DataLoaders' collate function (None: PyTorch's default)
+        cache_builder: builds a missing or stale decoded cache (with cache; scripts/train.py gives
+            project.feed.cache_builder.ensure_cache)
         pin_memory: page-locked batches for faster copies to the GPU; None: on when training on a CUDA device
         persistent_workers: keep the worker processes alive between epochs
         prefetch_factor: batches each worker loads ahead (None: PyTorch's default, 2)
@@ -115,7 +116,6 @@ class ImageDataModule(L.LightningDataModule):
         loader_timeout: seconds a DataLoader worker may spend on one batch before the run stops (0: no limit)
         mean: per-channel normalization mean, applied on the device
         std: per-channel normalization standard deviation, applied on the device
-        predict_paths: image files or folders for the predict loader
         builtin_dir: where the built-in dataset is generated when data_dir is None
     """
 
@@ -129,6 +129,7 @@ class ImageDataModule(L.LightningDataModule):
         shuffle: bool = True,
         sampler: Sampler = "random",
         collate_fn: Callable | None = None,
+        cache_builder: Callable | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         prefetch_factor: PositiveInt | None = None,
@@ -152,7 +153,6 @@ class ImageDataModule(L.LightningDataModule):
         loader_timeout: NonNegativeFloat = 0.0,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
-        predict_paths: Sequence[str] | None = None,
         builtin_dir: str = BUILTIN_DIR,
     ) -> None:
         super().__init__()
@@ -162,10 +162,9 @@ class ImageDataModule(L.LightningDataModule):
         data_dir = None if data_dir is None else os.fspath(data_dir)
         cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         builtin_dir = os.fspath(builtin_dir)
-        predict_paths = None if predict_paths is None else [os.fspath(p) for p in predict_paths]
         mean, std = [float(m) for m in mean], [float(s) for s in std]
-        self.save_hyperparameters(ignore=["collate_fn"])
-        self.collate_fn = collate_fn  # a callable, not a hyperparameter
+        self.save_hyperparameters(ignore=["collate_fn", "cache_builder"])
+        self.collate_fn, self.cache_builder = collate_fn, cache_builder  # callables, not hyperparameters
 
         self.data_dir = Path(data_dir) if data_dir is not None else Path(builtin_dir)
         self.is_builtin = data_dir is None
@@ -181,7 +180,6 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
-        self.predict_set: Dataset | None = None
         self.device_transform = DeviceTransform(mean, std)
 
     # ------------------------------------------------------------------ source
@@ -211,7 +209,7 @@ class ImageDataModule(L.LightningDataModule):
             source = ImageFolderSource(self.data_dir, h.image_size, h.val_fraction, h.seed)
         if h.cache:
             cache_dir = Path(h.cache_dir) if h.cache_dir else default_cache_dir(self.data_dir)
-            source = DecodedCacheSource(source, cache_dir, h.image_size, self.num_workers)
+            source = DecodedCacheSource(source, cache_dir, h.image_size, self.num_workers, self.cache_builder)
         return source
 
     @property
@@ -226,7 +224,7 @@ class ImageDataModule(L.LightningDataModule):
 
     # --------------------------------------------------------------- lifecycle
     def prepare_data(self) -> None:
-        if self.is_builtin and self.hparams.predict_paths is None and not self.brings_own_datasets:
+        if self.is_builtin and not self.brings_own_datasets:
             generate_shapes(self.data_dir, image_size=64, seed=0)
 
     def decide_placement(self) -> None:
@@ -261,20 +259,13 @@ class ImageDataModule(L.LightningDataModule):
         if self.augment_on is None:
             self.decide_placement()
         first = self.train_set is None
-        if stage != "predict" and (first or self.source.rebuild_each_setup):
+        if first or self.source.rebuild_each_setup:
             built = self.source.datasets(self.transforms)
             self.train_set, self.val_set, self.test_set = built["train"], built["val"], built.get("test")
             if first:
                 rank_zero_info(self.source.summary(built))
             if self.hparams.sampler == "balanced" and not hasattr(self.train_set, "targets"):
                 raise ValueError("--sampler balanced weighs classes by the train dataset's `targets`; it has none")
-        if stage in ("predict", None) and self.hparams.predict_paths is not None and self.predict_set is None:
-            self.predict_set = ImageFileDataset(
-                list_images(self.hparams.predict_paths),
-                self.transforms.eval,
-                decode_min_size=self.hparams.image_size,
-                skip_bad_images=self.hparams.skip_bad_images,
-            )
 
     @property
     def has_test(self) -> bool:
@@ -307,7 +298,7 @@ class ImageDataModule(L.LightningDataModule):
             settings["sampler"] = WeightedRandomSampler(weights, len(dataset), replacement=True, generator=generator)
         else:
             settings["shuffle"] = train and h.shuffle
-        if h.skip_bad_images and dataset is not self.predict_set:  # prediction writes a blank row for a bad file
+        if h.skip_bad_images:
             dataset = SkipBadImages(dataset)
         distributed = trainer is not None and trainer.world_size > 1
         return self.source.make_loader(dataset, train, distributed, **settings)
@@ -320,9 +311,6 @@ class ImageDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.loader(self.test_set)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.loader(self.predict_set)
 
     def state_dict(self) -> dict[str, Any]:
         """A streaming training loader's position, which checkpoints keep, so a resumed run carries on mid-epoch.

@@ -202,25 +202,24 @@ class SkipBadImages(torch.utils.data.Dataset):
         for offset in range(len(self)):
             item = (index + offset) % len(self)
             try:
-                image, target = self.dataset[item]
+                image, target, *reported = self.dataset[item]  # a dataset may report its own (a blank stand-in)
             except Exception as error:  # your own dataset raises whatever its decoder raises
                 bad.append(self._name(item, error))
                 continue
-            return image, target, BadImages(tuple(bad))
+            return image, target, BadImages(tuple(bad) + (reported[0].paths if reported else ()))
         raise BadImageError(f"cannot read image {bad[0]!r}, nor any other image of the dataset", bad[0])
 
 
 class SkipBadCollate:
-    """Collate for datasets that report skipped images (`SkipBadImages`, prediction's `ImageFileDataset`):
-    batches the samples with `collate_fn` as usual and appends one `BadImages` naming every file skipped in
-    the batch (often none).
+    """Collate for `SkipBadImages`: batches the samples with `collate_fn` as usual and appends one `BadImages`
+    naming every file skipped in the batch (often none).
     """
 
     def __init__(self, collate_fn: Callable | None = None) -> None:
         self.collate_fn = collate_fn or default_collate
 
     def __call__(self, samples: Sequence[tuple]) -> Any:
-        bad = [path for sample in samples if len(sample) == 3 for path in sample[2].paths]
+        bad = [path for sample in samples for path in sample[2].paths]
         return (*self.collate_fn([sample[:2] for sample in samples]), BadImages(tuple(bad)))
 
 

@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from project.data.cache import CachedImageDataset, cache_key, ensure_cache
+from project.data.cache import CachedImageDataset, cache_key, check_cache
 from project.data.encoded import DecodeBatch, EncodedImageFolder, collate_encoded
 from project.data.folder import IMG_EXTENSIONS, ImageFolderDataset, find_classes
 from project.data.streaming import ResumableStreamingDataLoader, read_metadata, streaming_dataset
@@ -180,13 +180,17 @@ class EncodedJpegSource(ImageFolderSource):
 
 class DecodedCacheSource(DataSource):
     """Another source's images decoded and resized once into a verified uint8 store per split (see
-    `project.data.cache`); later epochs and runs read memory. Rebuilt when the files, size or split change."""
+    `project.data.cache`); later epochs and runs read memory. Rebuilt by `build` (the training run gives
+    `project.feed.cache_builder.ensure_cache`) when missing, stale or damaged."""
 
     name = "decoded cache"
     stores_decoded = True
 
-    def __init__(self, base: DataSource, cache_dir: Path, image_size: int, num_workers: int) -> None:
+    def __init__(
+        self, base: DataSource, cache_dir: Path, image_size: int, num_workers: int, build: Callable | None = None
+    ) -> None:
         self.base, self.cache_dir, self.image_size, self.num_workers = base, Path(cache_dir), image_size, num_workers
+        self.build = build
 
     @property
     def classes(self) -> list[str]:
@@ -204,7 +208,14 @@ class DecodedCacheSource(DataSource):
                 )
             path = self.cache_dir / f"{split}-{self.image_size}px.u8"
             key = cache_key(samples, self.classes, self.image_size, split)
-            ensure_cache(dataset, path, self.image_size, key, self.num_workers)
+            header, why = check_cache(path, key)
+            if header is None and self.build is None:
+                raise ValueError(
+                    f"--cache: {path} is {why}; give the DataModule "
+                    "cache_builder=project.feed.cache_builder.ensure_cache to build it (scripts/train.py does)"
+                )
+            if header is None:
+                self.build(dataset, path, self.image_size, key, self.num_workers)
             built[split] = CachedImageDataset(path, transforms.resized_train if split == "train" else None)
         return built
 

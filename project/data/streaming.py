@@ -4,7 +4,9 @@ outgrow one disk.
 
 Layout: OUT/train, OUT/val, OUT/test, each a litdata optimized dataset of `{"image": JPEG bytes, "label": class
 index}`, and OUT/classes.json (class names, stored image size, samples per split), written last, so its
-presence means every split is complete. The writer is `project.tools.streaming_writer`.
+presence means every split is complete; OUT/optimize_data.json, written first, records the command that
+writes it, so a half-written OUT is refused with the command that completes it. The writer is
+`project.tools.streaming_writer`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from litdata.streaming.fs_provider import GCPFsProvider, S3FsProvider
 from project.data.folder import load_image
 
 METADATA = "classes.json"
+RECORD = "optimize_data.json"
 SPLITS = ("train", "val", "test")
 URL_SCHEMES = ("s3://", "gs://")
 
@@ -36,9 +39,22 @@ def join(root: str, *parts: str) -> str:
 
 
 def is_streaming_source(data_dir: str) -> bool:
-    """Whether `data_dir` is optimize_data.py output: a URL, or a folder with classes.json or train/index.json
-    (the latter alone: an unfinished write, which `read_metadata` then reports)."""
-    return is_url(data_dir) or any(os.path.isfile(join(data_dir, *p)) for p in ([METADATA], ["train", "index.json"]))
+    """Whether `data_dir` is optimize_data.py output: a URL, or a folder with classes.json, optimize_data.json or
+    train/index.json (without classes.json: an unfinished write, which `unfinished_write` reports)."""
+    found = ([METADATA], [RECORD], ["train", "index.json"])
+    return is_url(data_dir) or any(os.path.isfile(join(data_dir, *p)) for p in found)
+
+
+def unfinished_write(data_dir: str) -> str | None:
+    """One line for a local folder that optimize_data.py has not finished writing (no classes.json), with the
+    command that completes it; None for anything else."""
+    if is_url(data_dir) or not is_streaming_source(data_dir) or os.path.isfile(join(data_dir, METADATA)):
+        return None
+    command = read_json(data_dir, RECORD)["command"] if os.path.isfile(join(data_dir, RECORD)) else None
+    return (
+        f"--data_dir {data_dir}: a streaming dataset that optimize_data.py did not finish writing (no {METADATA}); "
+        + (f"complete it with: {command}" if command else "write it again with scripts/optimize_data.py")
+    )
 
 
 def object_store(url: str) -> S3FsProvider | GCPFsProvider:
@@ -68,6 +84,8 @@ def read_json(root: str, *parts: str) -> Any:
 
 def read_metadata(root: str) -> dict[str, Any]:
     """OUT/classes.json: `{"classes": [...], "image_size": N, "samples": {"train": n, "val": n, ...}}`."""
+    if unfinished := unfinished_write(root):
+        raise FileNotFoundError(unfinished)
     return read_json(root, METADATA)
 
 
@@ -82,6 +100,44 @@ class DecodeSample:
 
     def __call__(self, sample: dict[str, Any]) -> tuple[Any, int]:
         return self.transform(load_image(io.BytesIO(sample["image"]), self.min_size)), int(sample["label"])
+
+
+class SourceGoneError(RuntimeError):
+    """The streaming source stopped answering mid-run: its folder removed or unmounted, its bucket's credentials
+    expired. From a DataLoader worker, PyTorch re-raises it with the worker's traceback as its message; `summary`
+    is the one line that names the source."""
+
+    @property
+    def summary(self) -> str:
+        lines = [line.partition("streaming source ") for line in str(self).splitlines()]
+        return next((found + rest for _, found, rest in reversed(lines) if found), str(self))
+
+
+class SplitDataset(StreamingDataset):
+    """litdata's dataset of one split, whose failed reads end as a `SourceGoneError` naming the source.
+
+    What litdata rides out first: a chunk missing from a local folder is waited for 2 s, a remote one 120 s
+    (MAX_WAIT_TIME), asked for again after 30 s; S3 requests are retried by botocore (adaptive mode, up to
+    1000 attempts; by obstore's own policy when it is installed), GCS ones by google-cloud-storage's default
+    retry, on connection errors, 5xx and throttling. An expired or revoked credential (403) is retried by
+    none: it ends the run, as a vanished folder does.
+    """
+
+    def __init__(self, root: str, split: str, decode: DecodeSample, **kwargs: Any) -> None:
+        super().__init__(join(root, split), **kwargs)
+        self.root, self.decode = root, decode  # decoded outside the read: a bad image stays a BadImageError
+
+    def __getitem__(self, index: Any) -> Any:
+        try:
+            sample = super().__getitem__(index)
+        except (OSError, RuntimeError) as error:  # ChunkWaitTimeoutError, or a prefetch thread's failed download
+            cause = error.__cause__ or error
+            reason = " ".join(f"{type(cause).__name__}: {cause}".split(". ")[0].split())
+            raise SourceGoneError(
+                f"streaming source {self.root} stopped answering ({reason}); check that it is mounted and readable "
+                "(for a bucket: that its credentials are valid), then resume with --ckpt_path last"
+            ) from error
+        return self.decode(sample)
 
 
 class ResumableStreamingDataLoader(StreamingDataLoader):
@@ -117,12 +173,13 @@ def streaming_dataset(
             f"no index.json in {join(root, split)}: not a finished optimize_data.py output; write it again"
         )
     try:
-        return StreamingDataset(
-            join(root, split),
+        return SplitDataset(
+            root,
+            split,
+            DecodeSample(transform, min_size=image_size),
             cache_dir=cache_dir,
             max_cache_size=max_cache_size,
             seed=seed,
-            transform=DecodeSample(transform, min_size=image_size),
         )
     except Exception as error:  # a URL without index.json, unreachable storage, a bad --max_cache_size
         reason = " ".join(str(error).split())

@@ -249,9 +249,8 @@ class DataFeedMonitor(Callback):
             steps, samples, wait_s, step_s = self._window
         datamodule = trainer.datamodule
         loader = trainer.train_dataloader
-        settings = getattr(datamodule, "hparams", {})  # any LightningDataModule; ImageDataModule's surface below
         num_workers = getattr(loader, "num_workers", None)
-        source = getattr(datamodule, "source", None)
+        source = getattr(datamodule, "source", None)  # ImageDataModule's; any other DataModule gives no hints
         total = wait_s + step_s
         fraction = wait_s / total if total > 0 else 0.0
         verdict, advice = recommend(
@@ -263,7 +262,7 @@ class DataFeedMonitor(Callback):
             on_accelerator=trainer.strategy.root_device.type != "cpu",
             augment_on=getattr(datamodule, "augment_on", None),
             cached=getattr(source, "stores_decoded", False),
-            decode_on=settings.get("decode_on"),
+            decode_on="device" if getattr(source, "decodes_on_device", False) else "cpu",
         )
         self.summary = FeedSummary(steps, samples, wait_s, step_s, verdict, advice)
         if self.verbose and trainer.is_global_zero:

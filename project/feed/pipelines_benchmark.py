@@ -38,8 +38,9 @@ from torchvision import transforms as T
 from project.data.builtin import generate_shapes
 from project.data.datamodule import ImageDataModule
 from project.data.folder import load_image
-from project.data.streaming import is_streaming_source
+from project.data.streaming import is_streaming_source, unfinished_write
 from project.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomResizeRotateFlip
+from project.feed.cache_builder import ensure_cache
 from project.feed.throughput import (
     Rate,
     best_of,
@@ -124,6 +125,7 @@ def compare_pipelines(
             augment_on=augment_on,
             cache=cache,
             cache_dir=None if streaming else cache_dir,
+            cache_builder=ensure_cache,
         )
         dm.setup("fit")
         if streaming:  # an iterable dataset: its own loader, read to its end at most once per measurement
@@ -165,7 +167,8 @@ def compare_pipelines(
 
     if "cache" in include:
         datamodule("cpu", cache=True)  # build it now, outside the timing
-    if "streaming" in include and not is_streaming_source(str(stream_dir)):
+    written = is_streaming_source(str(stream_dir)) and not unfinished_write(str(stream_dir))
+    if "streaming" in include and not written:  # an interrupted earlier write is completed
         source = ImageDataModule(data_dir, image_size=image_size, num_workers=num_workers, val_fraction=0.05)
         optimize_datamodule(source, str(stream_dir), image_size=256, num_workers=max(1, num_workers), progress=False)
     with torch_threads(usable_cpus() - num_workers):

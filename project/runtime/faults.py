@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from project.data.folder import BadImageError
+from project.data.streaming import SourceGoneError
 from project.runtime.checkpoints import DISK_FULL, INTERRUPTED
 
 
@@ -278,7 +279,7 @@ def explain_failure(error: BaseException) -> str | None:
     """
     chain = _chain(error)
     for cause in chain:
-        if isinstance(cause, BadImageError):
+        if isinstance(cause, (BadImageError, SourceGoneError)):  # a file, or the streaming source, named
             return cause.summary
         if isinstance(cause, TrainingStopped):
             return str(cause)

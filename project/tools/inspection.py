@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 STATE_DICT_ABRIDGED = 40  # entries shown without --full: first 30 and last 10 (where the head sits)
+
+
+def weights_shown(checkpoint: Mapping[str, Any]) -> str:
+    """Which weights a train.py checkpoint's `state_dict` holds (what `load_from_checkpoint` loads), in one line."""
+    if "current_model_state" in checkpoint:  # written by --ema_decay's EMA callback, beside the average
+        return "weights: the moving average (--ema_decay), which validation, predict and export use; not the live ones"
+    return "weights: as trained (the run kept no moving average)"
 
 
 def module_table(model: nn.Module) -> list[dict[str, Any]]:

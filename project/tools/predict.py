@@ -1,10 +1,10 @@
 """Prediction with a trained checkpoint: image files and folders -> a CSV of labels and confidences.
 
 The checkpoint carries its own preprocessing (image size, mean, std) and class names, so prediction
-sees images exactly as validation did: `ImageDataModule`'s predict loader (eval transform in the
-workers, normalization on the device) feeding `Trainer.predict`. Rows are written batch by batch,
-so a folder of a million images needs no memory for the results. Unreadable files are reported by
-name on stderr and left out of the CSV; the run goes on.
+sees images exactly as validation did: `PredictDataModule`, an `ImageDataModule` whose predict loader reads
+the listed files (eval transform in the workers, normalization on the device), feeding `Trainer.predict`.
+Rows are written batch by batch, so a folder of a million images needs no memory for the results.
+Unreadable files are reported by name on stderr and left out of the CSV; the run goes on.
 """
 
 from __future__ import annotations
@@ -12,18 +12,113 @@ from __future__ import annotations
 import csv
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
 from project.data import ImageDataModule
-from project.data.files import list_images
-from project.data.folder import IMG_EXTENSIONS, load_image
+from project.data.folder import (
+    IMG_EXTENSIONS,
+    BadImageError,
+    BadImages,
+    SampleList,
+    is_image_file,
+    load_image,
+    walk_files,
+)
 from project.runtime.checkpoints import load_classifier
+
+
+def list_images(inputs: Sequence[str | os.PathLike]) -> list[str]:
+    """Image files named by `inputs` (files, or folders walked recursively), in a stable order."""
+    found: list[str] = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            found += [path for path in walk_files(item) if is_image_file(os.path.basename(path))]
+        elif item.is_file():
+            found.append(str(item))
+        else:
+            raise FileNotFoundError(f"no such file or folder: {str(item)!r}")
+    return found
+
+
+class ImageFileDataset(torch.utils.data.Dataset):
+    """Unlabelled images by path, for prediction: item `i` is `(image, i)` so outputs map back to paths.
+
+    Args:
+        paths: image files, e.g. from `list_images`.
+        transform: applied to the decoded RGB PIL image.
+        decode_min_size: decode JPEGs at reduced scale, never below this size (see `load_image`).
+        skip_bad_images: an unreadable file raises `BadImageError` naming it (default); with True its
+            item is `(placeholder, i, BadImages((path,)))`, a black image through the same transform
+            so the batch still stacks, and the predict step leaves that row out (see `SkipBadCollate`).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        transform: Callable | None = None,
+        decode_min_size: int | None = None,
+        skip_bad_images: bool = False,
+    ) -> None:
+        self.samples = SampleList(paths, [-1] * len(paths))
+        self.transform = transform
+        self.decode_min_size = decode_min_size
+        self.skip_bad_images = skip_bad_images
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        path = self.samples.path(index)
+        try:
+            image = load_image(path, self.decode_min_size)
+        except BadImageError:
+            if not self.skip_bad_images:
+                raise
+            # a stand-in from another file would duplicate that file's row; a blank one is dropped by path
+            placeholder = Image.new("RGB", (1, 1))
+            image = self.transform(placeholder) if self.transform is not None else placeholder
+            return image, index, BadImages((path,))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, index
+
+
+class PredictDataModule(ImageDataModule):
+    """`ImageDataModule` whose predict loader reads image files and folders (`paths`), with every other setting
+    and the device work as usual; the training splits are built only if asked for."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.paths = [os.fspath(p) for p in paths]
+        self.predict_set: Dataset | None = None
+
+    def prepare_data(self) -> None:
+        if self.hparams.data_dir is not None:
+            super().prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage != "predict":
+            super().setup(stage)
+        elif self.predict_set is None:
+            self.decide_placement()
+            self.predict_set = ImageFileDataset(
+                list_images(self.paths),
+                self.transforms.eval,
+                decode_min_size=self.hparams.image_size,
+                skip_bad_images=self.hparams.skip_bad_images,
+            )
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.loader(self.predict_set)
 
 
 def csv_header(top_k: int) -> list[str]:
@@ -119,13 +214,13 @@ def predict(
             f"no image files in {[str(i) for i in inputs]} (extensions: {', '.join(IMG_EXTENSIONS)})"
         )
     hp = model.hparams
-    datamodule = ImageDataModule(
+    datamodule = PredictDataModule(
+        inputs,
         image_size=hp.image_size,
         mean=hp.mean,
         std=hp.std,
         batch_size=batch_size,
         num_workers=num_workers,
-        predict_paths=list(inputs),
         skip_bad_images=True,
     )
     writer = CSVPredictionWriter(output, model.class_names, top_k=top_k)
