@@ -43,6 +43,12 @@ def one_line_error(capsys) -> str:
         (["--data_dir", "no/such/folder"], "--data_dir"),
         (["--ckpt_path", "no/such.ckpt"], "--ckpt_path"),
         (["--max_epochs", "many"], "--max_epochs"),
+        (["--mixup_alpha", "-1"], "--mixup_alpha"),
+        (["--cutmix_alpha", "-0.5"], "--cutmix_alpha"),
+        (["--ema_decay", "1.5"], "--ema_decay"),
+        (["--auto_augment", "bogus"], "--auto_augment"),
+        (["--random_erase", "2"], "--random_erase"),
+        (["--early_stopping_patience", "-1"], "--early_stopping_patience"),
     ],
 )
 def test_bad_flag_is_one_line_naming_it_with_exit_code_2(argv, flag, capsys):

@@ -103,3 +103,19 @@ def test_recipe_flags_that_cannot_reach_the_workers_are_refused(same_image):
     for flags in ({"auto_augment": "ta_wide"}, {"random_erase": 0.5}):
         with pytest.raises(ValueError, match="cannot be combined: the workers see JPEG bytes only"):
             ImageDataModule(same_image, decode_on="device", **flags)
+
+
+def test_mixing_follows_device_decoding(tmp_path):
+    """With --decode_on device the batch is decoded before the transfer, then mixed after it (on the CPU here)."""
+    for label in ("a", "b"):
+        for i in range(4):
+            write_image(tmp_path / "data" / label / f"{i}.jpg", size=(40, 40), seed=i + (10 if label == "b" else 0))
+    dm = ImageDataModule(
+        tmp_path / "data", image_size=32, batch_size=8, num_workers=0, decode_on="device", mixup_alpha=1.0
+    )
+    dm.trainer = FakeTrainer(training=True)
+    dm.setup("fit")
+    batch = dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    images, labels, targets = dm.on_after_batch_transfer(batch, 0)
+    assert images.shape[1:] == (3, 32, 32) and targets.shape == (len(labels), 2)
+    assert torch.allclose(targets.sum(1), torch.ones(len(labels)))

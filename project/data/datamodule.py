@@ -228,15 +228,17 @@ class ImageDataModule(L.LightningDataModule):
             generate_shapes(self.data_dir, image_size=64, seed=0)
 
     def decide_placement(self) -> None:
-        """Where augmentation runs and whether batches are pinned, decided once, at the first `setup` (the training
-        run attaches its trainer before): on the accelerator when there is one and augment_on is auto."""
+        """Where the data work runs, decided once, at the first `setup` (the training run attaches its trainer
+        before): augmentation on the accelerator when there is one and augment_on is auto (on the device always
+        when the JPEGs are decoded there), pinned batches on CUDA; then the per-image transforms and the device
+        step that follow from it."""
         h, trainer = self.hparams, self.trainer
-        on_accelerator = trainer is not None and trainer.strategy.root_device.type != "cpu"
-        device = h.augment_on == "device" or (h.augment_on == "auto" and on_accelerator)
-        self.augment_on = "device" if device or self.source.decodes_on_device else "cpu"
-        on_cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
-        self.pin_memory = h.pin_memory if h.pin_memory is not None else on_cuda
-        cpu_rotation, cpu_hflip = (0.0, False) if self.augment_on == "device" else (h.rotation, h.hflip)
+        device = trainer.strategy.root_device.type if trainer is not None else "cpu"
+        wanted = h.augment_on == "device" or (h.augment_on == "auto" and device != "cpu")
+        on_device = wanted or self.source.decodes_on_device
+        self.augment_on = "device" if on_device else "cpu"
+        self.pin_memory = h.pin_memory if h.pin_memory is not None else device == "cuda"
+        cpu_rotation, cpu_hflip = (0.0, False) if on_device else (h.rotation, h.hflip)
         recipe = recipe_augment(h.auto_augment, h.random_erase, h.mean)  # per image: in the workers wherever
         self.transforms = Transforms(
             then(train_transform(h.image_size, cpu_rotation, cpu_hflip), recipe),
@@ -246,7 +248,6 @@ class ImageDataModule(L.LightningDataModule):
         mixing = ((v2.MixUp, h.mixup_alpha), (v2.CutMix, h.cutmix_alpha))
         mixers = [mix(alpha=alpha, num_classes=len(self.classes)) for mix, alpha in mixing if alpha]
         self.mix = v2.RandomChoice(mixers) if mixers else None
-        on_device = self.augment_on == "device"
         self.device_transform = DeviceTransform(
             h.mean,
             h.std,
