@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import io
 import json
 import multiprocessing
@@ -73,8 +74,11 @@ def _after_fork_in_child() -> None:
         die_with_parent(_forking_parent)
 
 
-# fork (the start method on Linux up to Python 3.13): each worker watches its parent from its first instant
-os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+@functools.cache
+def watch_forks() -> None:
+    """Under fork (the start method on Linux up to Python 3.13) each worker watches its parent from its first
+    instant. Registered at the first write, once (a fork hook cannot be removed), not at import."""
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 def _alive(pid: int) -> bool:
@@ -216,6 +220,7 @@ def write_split(
     # litdata's verbose mode prints setup chatter on stdout; its progress bar is on stderr and stays
     with contextlib.redirect_stdout(io.StringIO()):
         try:
+            watch_forks()
             _forking_parent = os.getpid()
             optimize(
                 fn=EncodeSample(image_size, skip_bad_images),
