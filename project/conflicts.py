@@ -37,6 +37,8 @@ CONFLICTS: list[tuple[str, str, Callable[[Mapping[str, Any]], bool], str]] = [
     ("cache", "skip_bad_images", lambda v: v["cache"] and v["skip_bad_images"],
      "a stand-in would be cached under another image's label: fix or delete the files that --skip_bad_images "
      "reports, then --cache"),
+    ("ema_decay", "strategy", lambda v: v["ema_decay"] > 0 and str(v["strategy"]).startswith(("fsdp", "deepspeed")),
+     "Lightning's weight averaging needs the whole model in every process: use --strategy ddp"),
     ("unfreeze_at_epoch", "freeze_backbone", lambda v: v["unfreeze_at_epoch"] is not None and not v["freeze_backbone"],
      "nothing is frozen: add --freeze_backbone"),
     # last: a pair above says more about what would work

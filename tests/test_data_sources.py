@@ -30,6 +30,7 @@ REFUSED = {
     ("random_erase", "decode_on"): ["--random_erase", "0.5", "--decode_on", "device", "--data_dir", "FOLDER"],
     ("cache", "skip_bad_images"): ["--cache", "--skip_bad_images", "--data_dir", "FOLDER"],
     ("unfreeze_at_epoch", "freeze_backbone"): ["--unfreeze_at_epoch", "1", "--data_dir", "FOLDER"],
+    ("ema_decay", "strategy"): ["--ema_decay", "0.9", "--strategy", "fsdp", "--data_dir", "FOLDER"],
 }
 
 
