@@ -198,7 +198,7 @@ class DecodedCacheSource(DataSource):
 
     def datasets(self, transforms: Transforms) -> dict[str, Dataset]:
         plain = self.base.datasets(dataclasses.replace(transforms, train=transforms.eval))  # cached unaugmented
-        built = {}
+        classes, built = self.classes, {}  # a folder source lists its class folders at each call
         for split, dataset in plain.items():
             samples = getattr(dataset, "samples", None)
             if samples is None:
@@ -207,7 +207,7 @@ class DecodedCacheSource(DataSource):
                     "stale; give it one, as ImageFolderDataset has, or drop --cache"
                 )
             path = self.cache_dir / f"{split}-{self.image_size}px.u8"
-            key = cache_key(samples, self.classes, self.image_size, split)
+            key = cache_key(samples, classes, self.image_size, split)
             header, why = check_cache(path, key)
             if header is None and self.build is None:
                 raise ValueError(

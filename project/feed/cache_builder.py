@@ -26,18 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from project.data.cache import FORMAT_VERSION, MAGIC, check_cache, crc32, layout, open_arrays
+from project.runtime.checkpoints import is_alive
 
 LOCK_POLL_S = 0.5
-
-
-def is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 def remove_dead_partials(path: Path) -> None:

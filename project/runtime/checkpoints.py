@@ -54,7 +54,8 @@ def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host: a temporary file's writer, a lock's holder."""
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
@@ -77,7 +78,7 @@ def remove_stale_temp_files(folders: Iterable[str | os.PathLike]) -> list[Path]:
         with suppress(OSError):  # a folder that is not there (yet) has nothing to clean
             for entry in os.scandir(folder):
                 match = pattern.fullmatch(entry.name)
-                if match and not _alive(int(match.group(1))):
+                if match and not is_alive(int(match.group(1))):
                     with suppress(FileNotFoundError):  # another process cleaning the same folder
                         os.unlink(entry.path)
                         removed.append(Path(entry.path))

@@ -34,7 +34,7 @@ from PIL import Image
 from project.data import ImageDataModule
 from project.data.folder import BadImageError, load_image
 from project.data.streaming import METADATA, RECORD, SPLITS, is_url, join, object_store, read_json
-from project.runtime.checkpoints import DISK_FULL
+from project.runtime.checkpoints import DISK_FULL, is_alive
 
 # litdata's advice (64 MB): few requests per epoch, and only a few chunks per worker on the local disk at a time
 CHUNK_BYTES = 64 * 1000**2
@@ -81,16 +81,6 @@ def watch_forks() -> None:
     os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
-
-
 def remove_dead_writers_inputs() -> None:
     """Remove the input lists killed writers left in the temporary folder.
 
@@ -99,7 +89,7 @@ def remove_dead_writers_inputs() -> None:
     """
     for path in Path(tempfile.gettempdir()).glob("litdata-node-*-items-*-*.pkl"):
         pid = path.name.split("-items-", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not is_alive(int(pid)):
             path.unlink(missing_ok=True)
 
 
