@@ -2,47 +2,34 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
-import yaml
-from jsonargparse import Namespace
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveInt
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.profilers import AdvancedProfiler, PyTorchProfiler, SimpleProfiler
 
 from project.callbacks import build_callbacks, early_stop_line
-from project.cli import (
-    Accelerator,
-    FlagParser,
-    Precision,
-    UsageError,
-    flag_parser,
-    import_class,
-    kwargs_for,
-    parse_flags,
-)
-from project.conflicts import conflict
-from project.data import ImageDataModule
-from project.data.streaming import is_streaming_source, is_url, unfinished_write
 from project.feed.cache_builder import ensure_cache
 from project.feed.throughput import auto_num_workers
 from project.models import ImageClassifier
-from project.models.backbones import check_backbone
 from project.models.classifier import Fraction
+from project.runtime import flags
 from project.runtime.checkpoints import LOGS, AtomicCheckpointIO, check_resumable, model_checkpoint, resolve_ckpt_path
 from project.runtime.console import configure_console
 from project.runtime.faults import clear_failures, end_run
+from project.runtime.flags import DEFAULT_DATAMODULE, UsageError, kwargs_for
 
+Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"]
+Precision = Literal["auto", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "64-true", "64"]
+ACCELERATORS, PRECISIONS = get_args(Accelerator), get_args(Precision)
 PROFILERS = {"simple": SimpleProfiler, "advanced": AdvancedProfiler, "pytorch": PyTorchProfiler}
 
 
@@ -64,7 +51,7 @@ class RunOptions:
         early_stopping_patience: stop when val/acc has not improved for this many epochs (0: off)
     """
 
-    datamodule: str = "project.data.ImageDataModule"
+    datamodule: str = DEFAULT_DATAMODULE
     precision: Precision = "auto"
     profiler: Literal["none", "simple", "advanced", "pytorch"] = "none"
     ckpt_path: str | None = None
@@ -115,89 +102,14 @@ class TrainerOptions:
     gradient_clip_val: NonNegativeFloat | None = None
 
 
-# set from the data, not from flags
-FROM_DATA = {"num_classes", "class_names", "image_size", "mean", "std"}
-
-
-def train_parser(datamodule_class: type = ImageDataModule) -> FlagParser:
-    """train.py's flags: the DataModule's, ImageClassifier's, RunOptions' and TrainerOptions'."""
-    skip = {"collate_fn", "cache_builder", "predict_paths", "mean", "std"}
-    return flag_parser(
-        "train.py",
-        "Train an image classifier (Lightning) on an image folder or a streaming dataset (optimize_data.py). "
-        "Flags take hyphens too (--max-epochs), "
-        "and yes/no flags take --cache, --no-cache or --cache true|false.",
-        {datamodule_class: skip, ImageClassifier: FROM_DATA, RunOptions: set(), TrainerOptions: set()},
-    )
-
-
-def datamodule_class(argv: Sequence[str]) -> type:
-    """The class `--datamodule` names, in argv or in the `--config` file (read before the parser exists,
-    because the class decides which flags there are)."""
-    path = RunOptions.datamodule
-    for arg, following in zip(argv, [*argv[1:], None], strict=False):
-        if arg.startswith("--datamodule="):
-            path = arg.partition("=")[2]
-        elif arg == "--datamodule" and following:
-            path = following
-        elif arg == "--config" and following and Path(following).is_file():
-            with contextlib.suppress(yaml.YAMLError, AttributeError):
-                path = (yaml.safe_load(Path(following).read_text()) or {}).get("datamodule", path)
-    return load_datamodule_class(path)
-
-
-def load_datamodule_class(path: str) -> type:
-    """The DataModule class at `path` (module.Class); the default needs no import from the working directory."""
-    if path == RunOptions.datamodule:
-        return ImageDataModule
-    cls = import_class(path)
-    if not (isinstance(cls, type) and issubclass(cls, L.LightningDataModule)):
-        raise UsageError(f"--datamodule {path}: not a LightningDataModule subclass")
-    return cls
+FROM_DATA = {"num_classes", "class_names", "image_size", "mean", "std"}  # set from the data, not from flags
+FLAGS = {ImageClassifier: FROM_DATA, RunOptions: set(), TrainerOptions: set()}  # besides the DataModule's
 
 
 def parse_train_flags(argv: Sequence[str]) -> dict[str, Any]:
-    """train.py's flags as a flat dict; exits 2 with one line on a flag the parser refuses."""
-    values = parse_flags(train_parser(datamodule_class(argv)), argv)
-    check_flags(values)
-    return values
-
-
-def check_flags(values: dict[str, Any]) -> None:
-    """What no type hint can say: paths that must exist, names from registries, flags that need another."""
-    data_dir, root = values.get("data_dir"), values["default_root_dir"]
-    if data_dir is not None and not is_url(data_dir) and not Path(data_dir).is_dir():
-        raise UsageError(f"argument --data_dir: no such folder {data_dir!r}")
-    if data_dir is not None and (unfinished := unfinished_write(data_dir)):  # a killed optimize_data.py's
-        raise UsageError(unfinished)
-    if Path(root).exists() and not Path(root).is_dir():
-        raise UsageError(f"argument --default_root_dir: {root!r} is a file, not a folder")
-    try:
-        check_backbone(values["backbone"])
-    except ValueError as error:
-        raise UsageError(f"argument --backbone: {error}") from None
-    for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
-        if values[name] < 0:
-            raise UsageError(f"argument --{name}: a count of batches or a fraction of them, got {values[name]}")
-    check_accelerator(values["accelerator"])
-    datamodule = load_datamodule_class(values["datamodule"])
-    facts = {
-        "streaming": data_dir is not None and is_streaming_source(data_dir),
-        "url": data_dir is not None and is_url(data_dir),
-        "own_datasets": getattr(datamodule, "datasets", ImageDataModule.datasets) is not ImageDataModule.datasets,
-        "cuda": values["accelerator"] != "cpu" and torch.cuda.is_available(),
-    }
-    if message := conflict({**values, **facts}):
-        raise UsageError(message)
-
-
-def save_config(values: dict[str, Any]) -> list[Callback]:
-    """Lightning's callback that writes the flags to `<run folder>/config.yaml`, which `--config` reads back
-    to repeat the run; none under fast_dev_run, which has no run folder."""
-    if values["fast_dev_run"]:
-        return []
-    parser = train_parser(load_datamodule_class(values["datamodule"]))
-    return [SaveConfigCallback(parser, Namespace(values))]
+    """train.py's flags (the DataModule's, ImageClassifier's, RunOptions' and TrainerOptions') as a flat dict;
+    exits 2 with one line on a flag that is refused."""
+    return flags.parse_train_flags(argv, FLAGS)
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -208,14 +120,8 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
 
 
-def check_accelerator(accelerator: str) -> None:
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        found = "an Apple GPU (use --accelerator mps)" if torch.backends.mps.is_available() else "no CUDA GPU"
-        raise UsageError(f"--accelerator {accelerator}: found {found}; use --accelerator cpu or auto")
-
-
 def build_datamodule(values: dict[str, Any]) -> L.LightningDataModule:
-    cls = load_datamodule_class(values.get("datamodule", RunOptions.datamodule))
+    cls = flags.load_datamodule_class(values.get("datamodule", RunOptions.datamodule))
     # num_workers auto: the DataModule's stand-in until the sweep
     return cls(**kwargs_for(cls, {**values, "cache_builder": ensure_cache}))
 
@@ -224,25 +130,8 @@ def build_model(values: dict[str, Any], datamodule: L.LightningDataModule) -> Im
     classes = list(datamodule.classes)
     kwargs = {k: v for k, v in kwargs_for(ImageClassifier, values).items() if k not in FROM_DATA}
     model = ImageClassifier(**kwargs, num_classes=len(classes), class_names=classes, **datamodule.preprocessing)
-    check_image_size(model, datamodule.preprocessing["image_size"])
+    flags.check_image_size(model, datamodule.preprocessing["image_size"])
     return model
-
-
-def check_image_size(model: ImageClassifier, image_size: int) -> None:
-    """One forward pass of a blank image, so a backbone that cannot take `image_size` (inception_v3 needs
-    75 px, the ViTs exactly 224) is a usage error now rather than a crash in the first training step."""
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, image_size, image_size))
-    except (RuntimeError, AssertionError, ValueError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UsageError(
-            f"--backbone {model.hparams.backbone} cannot take --image_size {image_size} images ({reason}); "
-            "pick an --image_size it accepts, or another --backbone"
-        ) from None
-    finally:
-        model.train()
 
 
 def build_trainer(values: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
@@ -275,7 +164,7 @@ def train(values: dict[str, Any]) -> dict[str, Any]:
     if values["ckpt_path"] == "last":
         print(f"resuming from {ckpt_path}")
     checkpoint = model_checkpoint()
-    callbacks = [checkpoint, *save_config(values), *build_callbacks(values)]
+    callbacks = [checkpoint, *flags.save_config(values, FLAGS), *build_callbacks(values)]
     trainer = build_trainer(values, callbacks)  # before any work: it checks flags
 
     L.seed_everything(values.get("seed", 0), workers=True, verbose=False)

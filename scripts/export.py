@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from project.cli import Parser, UsageError  # noqa: E402
+from project.runtime.flags import Parser, UsageError  # noqa: E402
 from project.tools.export import export  # noqa: E402
 
 

@@ -15,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 import argparse  # noqa: E402
 
-from project.cli import Parser, UsageError, positive_int  # noqa: E402
 from project.models import build_backbone  # noqa: E402
 from project.runtime.checkpoints import load_checkpoint_safely, load_classifier  # noqa: E402
+from project.runtime.flags import Parser, UsageError, positive_int  # noqa: E402
 from project.tools.finetune import freeze_feature_extractor  # noqa: E402
 from project.tools.inspection import format_report, inspect_model, weights_shown  # noqa: E402
 

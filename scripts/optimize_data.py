@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from project.cli import Parser, UsageError, positive_int  # noqa: E402
 from project.data import ImageDataModule  # noqa: E402
 from project.data.folder import BadImageError  # noqa: E402
 from project.runtime.checkpoints import DISK_FULL  # noqa: E402
+from project.runtime.flags import Parser, UsageError, positive_int  # noqa: E402
 from project.tools.streaming_writer import CHUNK_BYTES, IMAGE_SIZE, optimize_datamodule  # noqa: E402
 
 UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3}  # as litdata counts them: 1 KB = 1000 bytes

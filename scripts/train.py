@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from project.cli import UsageError  # noqa: E402
+from project.runtime.flags import UsageError  # noqa: E402
 from project.training import parse_train_flags, train  # noqa: E402
 
 

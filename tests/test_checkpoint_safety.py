@@ -10,9 +10,9 @@ import lightning as L
 import pytest
 import torch
 
-from project.cli import UsageError
 from project.models import ImageClassifier
 from project.runtime import checkpoints
+from project.runtime.flags import UsageError
 
 CALLS: list[str] = []
 

@@ -19,7 +19,6 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, Dataset
 
-from project.cli import UsageError
 from project.data import ImageDataModule, generate_shapes
 from project.runtime import faults
 from project.runtime.checkpoints import (
@@ -36,6 +35,7 @@ from project.runtime.faults import (
     clear_failures,
     explain_failure,
 )
+from project.runtime.flags import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,10 +11,10 @@ from lightning.pytorch.callbacks import Callback, ModelSummary
 from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
 from torch import nn
 
-from project.cli import UsageError
 from project.data import ImageDataModule
 from project.models import ImageClassifier, build_backbone
 from project.models.backbones import head_name
+from project.runtime.flags import UsageError
 from project.tools.finetune import BACKBONE_LR_RATIO, FreezeBackbone, feature_extractor, freeze_feature_extractor
 from project.training import build_callbacks, parse_train_flags
 

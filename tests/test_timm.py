@@ -11,12 +11,11 @@ import lightning as L
 import pytest
 import torch
 
-from project.cli import UsageError
 from project.data import ImageDataModule
 from project.models import ImageClassifier, available_backbones, build_backbone
 from project.models.backbones import head_name
+from project.runtime.flags import UsageError, check_image_size
 from project.tools.finetune import freeze_feature_extractor
-from project.training import check_image_size
 from tests.conftest import ROOT, load_script
 
 

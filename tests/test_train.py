@@ -9,7 +9,8 @@ import yaml
 
 from project.data import ImageDataModule, generate_shapes
 from project.models import ImageClassifier
-from project.training import build_trainer, parse_train_flags, save_config, train_parser
+from project.runtime.flags import save_config, train_parser
+from project.training import FLAGS, build_trainer, parse_train_flags
 from tests.conftest import load_script
 
 
@@ -100,7 +101,7 @@ def test_saved_config_repeats_every_flag(tiny_shapes, tmp_path):
     argv += ["--lr", "0.01", "--precision", "64-true", "--devices", "1", "--max-epochs", "7"]
     argv += ["--freeze_backbone", "--unfreeze_at_epoch", "1"]
     values = parse_train_flags(argv)
-    trainer = build_trainer(values, save_config(values))
+    trainer = build_trainer(values, save_config(values, FLAGS))
     trainer.callbacks[0].setup(trainer, None, "fit")
     config = tmp_path / "lightning_logs" / "version_0" / "config.yaml"
     assert typed(parse_train_flags(["--config", str(config)])) == typed(values)
@@ -155,7 +156,7 @@ def test_bad_config_and_missing_data_dir_are_one_line_usage_errors(tmp_path, cap
 
 def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
-        train_parser().parse_args(["--help"])
+        train_parser(ImageDataModule, FLAGS).parse_args(["--help"])
     out = capsys.readouterr().out
     assert "--max_epochs" in out and "default: 3)" in out
     assert "default: auto)" in out  # --accelerator

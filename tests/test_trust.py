@@ -16,9 +16,9 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from project.cli import UsageError
 from project.data import generate_shapes
 from project.runtime.checkpoints import AtomicCheckpointIO, load_checkpoint_safely, load_classifier
+from project.runtime.flags import UsageError
 from tests.conftest import load_script
 
 

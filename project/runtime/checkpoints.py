@@ -36,8 +36,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from project.cli import UsageError
 from project.models import ImageClassifier
+from project.runtime.flags import UsageError
 
 LOGS = "lightning_logs"
 INTERRUPTED = "interrupted.ckpt"  # written when a run is stopped by SIGTERM / SIGINT (see InterruptCheckpoint)
