@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.profilers import AdvancedProfiler, PyTorchProfiler, SimpleProfiler
 
 from project.callbacks import build_callbacks, early_stop_line
-from project.feed.cache_builder import ensure_cache
+from project.feed.cache_builder import open_cache
 from project.feed.throughput import auto_num_workers
 from project.models import ImageClassifier
 from project.models.classifier import Fraction
@@ -123,7 +123,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 def build_datamodule(values: dict[str, Any]) -> L.LightningDataModule:
     cls = flags.load_datamodule_class(values.get("datamodule", RunOptions.datamodule))
     # num_workers auto: the DataModule's stand-in until the sweep
-    return cls(**kwargs_for(cls, {**values, "cache_builder": ensure_cache}))
+    return cls(**kwargs_for(cls, {**values, "open_cache": open_cache}))
 
 
 def build_model(values: dict[str, Any], datamodule: L.LightningDataModule) -> ImageClassifier:

@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 from project.data import ImageDataModule, generate_shapes
-from project.data.cache import (
+from project.data.folder import BadImageError, ImageFolderDataset
+from project.data.transforms import eval_transform
+from project.feed.cache import (
     HEADER_BYTES,
     CachedImageDataset,
     cache_key,
@@ -20,9 +22,7 @@ from project.data.cache import (
     default_cache_dir,
     layout,
 )
-from project.data.folder import BadImageError, ImageFolderDataset
-from project.data.transforms import eval_transform
-from project.feed.cache_builder import ensure_cache
+from project.feed.cache_builder import ensure_cache, open_cache
 
 SIZE = 32
 
@@ -171,7 +171,7 @@ def test_datamodule_cache_serves_uint8_batches_with_the_same_labels(shapes: Path
     kw = dict(image_size=SIZE, batch_size=8, num_workers=0, shuffle=False, rotation=10.0, augment_on="cpu")
     plain = ImageDataModule(shapes, **kw)
     plain.setup("fit")
-    dm = ImageDataModule(shapes, cache=True, cache_dir=tmp_path / "cache", cache_builder=ensure_cache, **kw)
+    dm = ImageDataModule(shapes, cache=True, cache_dir=tmp_path / "cache", open_cache=open_cache, **kw)
     dm.setup("fit")
     assert isinstance(dm.train_set, CachedImageDataset) and isinstance(dm.val_set, CachedImageDataset)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f"train-{SIZE}px.u8", f"val-{SIZE}px.u8"]

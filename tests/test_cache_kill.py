@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from project.data.cache import HEADER_BYTES, CachedImageDataset, check_cache, layout
 from project.feed import cache_builder as cache
+from project.feed.cache import HEADER_BYTES, CachedImageDataset, check_cache, layout
 from project.feed.cache_builder import ensure_cache
 from tests.killing import Victim, leftovers
 

@@ -12,6 +12,7 @@ import torch
 
 from project.conflicts import CONFLICTS, conflict
 from project.data import DecodedCacheSource, EncodedJpegSource, ImageDataModule, ImageFolderSource
+from project.feed.cache_builder import open_cache
 from tests.conftest import ROOT, load_script, train_exit_code
 
 CSV = "examples.csv_datamodule.CsvDataModule"
@@ -74,7 +75,7 @@ def test_the_datamodule_refuses_the_same_table_when_built_from_python(tiny_shape
 def test_the_flags_pick_one_source(tiny_shapes, tmp_path):
     assert type(ImageDataModule(tiny_shapes).source) is ImageFolderSource
     assert type(ImageDataModule(tiny_shapes, decode_on="device").source) is EncodedJpegSource
-    cached = ImageDataModule(tiny_shapes, cache=True, cache_dir=str(tmp_path)).source
+    cached = ImageDataModule(tiny_shapes, cache=True, cache_dir=str(tmp_path), open_cache=open_cache).source
     assert type(cached) is DecodedCacheSource and type(cached.base) is ImageFolderSource
 
 

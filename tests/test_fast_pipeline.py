@@ -195,7 +195,7 @@ def test_flags_reach_the_datamodule_and_the_model(tiny_shapes: Path, tmp_path: P
         ]
     )
     dm = build_datamodule(values)
-    assert dm.hparams.cache and dm.source.cache_dir == tmp_path and dm.hparams.channels_last
+    assert dm.hparams.cache and dm.source.open_cache.keywords["cache_dir"] == str(tmp_path) and dm.hparams.channels_last
     assert dm.hparams.augment_on == "device"
     model = build_model(values, dm)
     assert model.hparams.compile and model.hparams.channels_last

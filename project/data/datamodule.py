@@ -7,6 +7,7 @@ transfer (`on_after_batch_transfer`).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,7 +30,6 @@ from torchvision.transforms import v2
 
 from project.conflicts import conflict
 from project.data.builtin import generate_shapes
-from project.data.cache import default_cache_dir
 from project.data.folder import SkipBadCollate, SkipBadImages
 from project.data.sources import (
     DataSource,
@@ -84,8 +84,8 @@ class ImageDataModule(L.LightningDataModule):
         shuffle: shuffle the training data every epoch
         sampler: random (plain shuffle) or balanced (class-balanced weighted sampling with replacement)
         collate_fn: the DataLoaders' collate function (None: PyTorch's default)
-        cache_builder: builds a missing or stale decoded cache (with cache; scripts/train.py gives
-            project.feed.cache_builder.ensure_cache)
+        open_cache: reads a split's decoded cache, built when missing or stale (with cache; scripts/train.py gives
+            project.feed.cache_builder.open_cache)
         pin_memory: page-locked batches for faster copies to the GPU; None: on when training on a CUDA device
         persistent_workers: keep the worker processes alive between epochs
         prefetch_factor: batches each worker loads ahead (None: PyTorch's default, 2)
@@ -129,7 +129,7 @@ class ImageDataModule(L.LightningDataModule):
         shuffle: bool = True,
         sampler: Sampler = "random",
         collate_fn: Callable | None = None,
-        cache_builder: Callable | None = None,
+        open_cache: Callable | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         prefetch_factor: PositiveInt | None = None,
@@ -163,8 +163,8 @@ class ImageDataModule(L.LightningDataModule):
         cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         builtin_dir = os.fspath(builtin_dir)
         mean, std = [float(m) for m in mean], [float(s) for s in std]
-        self.save_hyperparameters(ignore=["collate_fn", "cache_builder"])
-        self.collate_fn, self.cache_builder = collate_fn, cache_builder  # callables, not hyperparameters
+        self.save_hyperparameters(ignore=["collate_fn", "open_cache"])
+        self.collate_fn, self.open_cache = collate_fn, open_cache  # callables, not hyperparameters
 
         self.data_dir = Path(data_dir) if data_dir is not None else Path(builtin_dir)
         self.is_builtin = data_dir is None
@@ -208,8 +208,11 @@ class ImageDataModule(L.LightningDataModule):
         else:
             source = ImageFolderSource(self.data_dir, h.image_size, h.val_fraction, h.seed)
         if h.cache:
-            cache_dir = Path(h.cache_dir) if h.cache_dir else default_cache_dir(self.data_dir)
-            source = DecodedCacheSource(source, cache_dir, h.image_size, self.num_workers, self.cache_builder)
+            if self.open_cache is None:
+                raise ValueError("cache=True: give open_cache=project.feed.cache_builder.open_cache (train.py does)")
+            settings = {"data_dir": str(self.data_dir), "cache_dir": h.cache_dir, "image_size": h.image_size}
+            opened = functools.partial(self.open_cache, **settings, num_workers=self.num_workers)
+            source = DecodedCacheSource(source, opened)
         return source
 
     @property

@@ -23,7 +23,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from project.data.cache import CachedImageDataset, cache_key, check_cache
 from project.data.encoded import DecodeBatch, EncodedImageFolder, collate_encoded
 from project.data.folder import IMG_EXTENSIONS, ImageFolderDataset, find_classes
 from project.data.streaming import ResumableStreamingDataLoader, read_metadata, streaming_dataset
@@ -179,18 +178,15 @@ class EncodedJpegSource(ImageFolderSource):
 
 
 class DecodedCacheSource(DataSource):
-    """Another source's images decoded and resized once into a verified uint8 store per split (see
-    `project.data.cache`); later epochs and runs read memory. Rebuilt by `build` (the training run gives
-    `project.feed.cache_builder.ensure_cache`) when missing, stale or damaged."""
+    """Another source's images decoded and resized once into a verified uint8 store per split; later epochs and
+    runs read memory. `open_cache(split, dataset, classes, transform)` returns a split's store, built when
+    missing, stale or damaged (`project.feed.cache_builder.open_cache`, which the training run hands over)."""
 
     name = "decoded cache"
     stores_decoded = True
 
-    def __init__(
-        self, base: DataSource, cache_dir: Path, image_size: int, num_workers: int, build: Callable | None = None
-    ) -> None:
-        self.base, self.cache_dir, self.image_size, self.num_workers = base, Path(cache_dir), image_size, num_workers
-        self.build = build
+    def __init__(self, base: DataSource, open_cache: Callable[..., Dataset]) -> None:
+        self.base, self.open_cache = base, open_cache
 
     @property
     def classes(self) -> list[str]:
@@ -198,26 +194,11 @@ class DecodedCacheSource(DataSource):
 
     def datasets(self, transforms: Transforms) -> dict[str, Dataset]:
         plain = self.base.datasets(dataclasses.replace(transforms, train=transforms.eval))  # cached unaugmented
-        classes, built = self.classes, {}  # a folder source lists its class folders at each call
-        for split, dataset in plain.items():
-            samples = getattr(dataset, "samples", None)
-            if samples is None:
-                raise ValueError(
-                    f"--cache: your {split} dataset has no `samples` ((path, label) pairs) to tell when the cache is "
-                    "stale; give it one, as ImageFolderDataset has, or drop --cache"
-                )
-            path = self.cache_dir / f"{split}-{self.image_size}px.u8"
-            key = cache_key(samples, classes, self.image_size, split)
-            header, why = check_cache(path, key)
-            if header is None and self.build is None:
-                raise ValueError(
-                    f"--cache: {path} is {why}; give the DataModule "
-                    "cache_builder=project.feed.cache_builder.ensure_cache to build it (scripts/train.py does)"
-                )
-            if header is None:
-                self.build(dataset, path, self.image_size, key, self.num_workers)
-            built[split] = CachedImageDataset(path, transforms.resized_train if split == "train" else None)
-        return built
+        classes = self.classes  # a folder source lists its class folders at each call
+        return {
+            split: self.open_cache(split, dataset, classes, transforms.resized_train if split == "train" else None)
+            for split, dataset in plain.items()
+        }
 
 
 class StreamingSource(DataSource):

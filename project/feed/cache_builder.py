@@ -1,4 +1,4 @@
-"""The decoded-cache builder: decodes a split once into the file `project.data.cache` reads, crash-safely.
+"""The decoded-cache builder: decodes a split once into the file `project.feed.cache` reads, crash-safely.
 
 - it is written to `<name>.partial-<pid>` and renamed into place, so a killed build leaves no file that looks
   complete; the next build removes partial files whose writer is dead;
@@ -6,7 +6,8 @@
   together on one folder wait, then reuse it;
 - free space is checked before decoding anything; a disk that fills up anyway ends with one line.
 
-`ensure_cache` is what `ImageDataModule(cache=True)` is given as its `cache_builder` by the training run.
+`open_cache` is what the training run gives `ImageDataModule(cache=True)`: a split's cached dataset, checked
+against its source files, built or rebuilt when missing, stale or damaged.
 """
 
 from __future__ import annotations
@@ -17,15 +18,26 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from project.data.cache import FORMAT_VERSION, MAGIC, check_cache, crc32, layout, open_arrays
+from project.feed.cache import (
+    FORMAT_VERSION,
+    MAGIC,
+    CachedImageDataset,
+    cache_key,
+    check_cache,
+    crc32,
+    default_cache_dir,
+    layout,
+    open_arrays,
+)
 from project.runtime.checkpoints import is_alive
 
 LOCK_POLL_S = 0.5
@@ -147,3 +159,29 @@ def ensure_cache(
             if header is None:
                 raise RuntimeError(f"cache {path} is {why} right after building it")
     return path
+
+
+def open_cache(
+    split: str,
+    dataset: Dataset,
+    classes: Sequence[str],
+    transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    *,
+    data_dir: str,
+    cache_dir: str | None,
+    image_size: int,
+    num_workers: int,
+) -> CachedImageDataset:
+    """Split `split` of `dataset` (its `(3, S, S)` uint8 images, unaugmented) read from its cache under
+    `cache_dir` (None: `default_cache_dir(data_dir)`), built first when missing, stale or damaged; `transform`
+    augments the cached images."""
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        raise ValueError(
+            f"--cache: your {split} dataset has no `samples` ((path, label) pairs) to tell when the cache is stale; "
+            "give it one, as ImageFolderDataset has, or drop --cache"
+        )
+    path = Path(cache_dir) if cache_dir else default_cache_dir(data_dir)
+    path = path / f"{split}-{image_size}px.u8"
+    ensure_cache(dataset, path, image_size, cache_key(samples, classes, image_size, split), num_workers)
+    return CachedImageDataset(path, transform)

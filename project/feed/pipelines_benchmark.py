@@ -40,7 +40,7 @@ from project.data.datamodule import ImageDataModule
 from project.data.folder import load_image
 from project.data.streaming import is_streaming_source, unfinished_write
 from project.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomResizeRotateFlip
-from project.feed.cache_builder import ensure_cache
+from project.feed.cache_builder import open_cache
 from project.feed.throughput import (
     Rate,
     best_of,
@@ -125,7 +125,7 @@ def compare_pipelines(
             augment_on=augment_on,
             cache=cache,
             cache_dir=None if streaming else cache_dir,
-            cache_builder=ensure_cache,
+            open_cache=open_cache,
         )
         dm.setup("fit")
         if streaming:  # an iterable dataset: its own loader, read to its end at most once per measurement

@@ -130,7 +130,7 @@ def parse_flags(parser: FlagParser, argv: Sequence[str]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------- train.py
 DEFAULT_DATAMODULE = "project.data.ImageDataModule"
-NOT_FLAGS = {"collate_fn", "cache_builder", "mean", "std"}  # callables the run hands over; the data's statistics
+NOT_FLAGS = {"collate_fn", "open_cache", "mean", "std"}  # callables the run hands over; the data's statistics
 
 
 def train_parser(datamodule: type, classes: dict[type, set[str]]) -> FlagParser:

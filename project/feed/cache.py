@@ -1,4 +1,4 @@
-"""A decoded-image cache, read side: every image decoded and resized once, then read straight from memory.
+"""The decoded-image cache (`--cache`), read side: every image decoded and resized once, then read from memory.
 
 `--cache` stores a split as one file: a small JSON header, the uint8 pixels at the training resolution,
 `(N, S, S, 3)` in dataset order (channels last: the layout the CPU augmentation samples fastest), then the
@@ -8,7 +8,7 @@ decoding, no resizing.
 Trust rules: the header holds a key over the source files (paths, sizes, mtimes, labels), the image size,
 the split and the preprocessing recipe, and a CRC-32 of pixels and labels; a different key, size or checksum
 means the cache is stale or damaged and is rebuilt, never trusted. The builder (`project.feed.cache_builder`)
-writes it crash-safely, one process at a time.
+writes it crash-safely, one process at a time; its `open_cache` is what the DataModule's cache source reads.
 """
 
 from __future__ import annotations
