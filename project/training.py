@@ -26,6 +26,7 @@ from project.runtime.checkpoints import LOGS, AtomicCheckpointIO, check_resumabl
 from project.runtime.console import configure_console
 from project.runtime.faults import clear_failures, end_run
 from project.runtime.flags import DEFAULT_DATAMODULE, UsageError, kwargs_for
+from project.tools.streaming_reader import StreamingReader
 
 Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"]
 Precision = Literal["auto", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "64-true", "64"]
@@ -123,7 +124,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 def build_datamodule(values: dict[str, Any]) -> L.LightningDataModule:
     cls = flags.load_datamodule_class(values.get("datamodule", RunOptions.datamodule))
     # num_workers auto: the DataModule's stand-in until the sweep
-    return cls(**kwargs_for(cls, {**values, "open_cache": open_cache}))
+    return cls(**kwargs_for(cls, {**values, "open_cache": open_cache, "open_stream": StreamingReader}))
 
 
 def build_model(values: dict[str, Any], datamodule: L.LightningDataModule) -> ImageClassifier:

@@ -13,6 +13,7 @@ import torch
 from project.conflicts import CONFLICTS, conflict
 from project.data import DecodedCacheSource, EncodedJpegSource, ImageDataModule, ImageFolderSource
 from project.feed.cache_builder import open_cache
+from project.tools.streaming_reader import StreamingReader
 from tests.conftest import ROOT, load_script, train_exit_code
 
 CSV = "examples.csv_datamodule.CsvDataModule"
@@ -104,7 +105,15 @@ def test_the_one_loader_function_gives_a_streaming_source_every_setting(tiny_sha
     out = tmp_path / "stream"
     argv = ["--data_dir", str(tiny_shapes), "--output_dir", str(out), "--num_workers", "1", "--image_size", "32"]
     assert load_script("optimize_data").main(argv) == 0
-    dm = ImageDataModule(str(out), image_size=32, batch_size=5, num_workers=1, prefetch_factor=3, loader_timeout=9)
+    dm = ImageDataModule(
+        str(out),
+        image_size=32,
+        batch_size=5,
+        num_workers=1,
+        prefetch_factor=3,
+        loader_timeout=9,
+        open_stream=StreamingReader,
+    )
     dm.setup("fit")
     for loader in (dm.train_dataloader(), dm.val_dataloader()):
         assert (loader.batch_size, loader.num_workers, loader.prefetch_factor, loader.timeout) == (5, 1, 3, 9)

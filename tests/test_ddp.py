@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from project.data import ImageDataModule, generate_shapes
 from project.models import ImageClassifier
+from project.tools.streaming_reader import StreamingReader
 from tests.killing import MARKER, marked_processes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +146,9 @@ def test_ddp_on_cpu_trains_validates_and_matches_a_single_process(tmp_path):
     assert checkpoint["global_step"] == 2  # each process stepped through its half of the 4 batches
 
     # the processes saw different samples, and together every one of them, in training and in validation
-    reference = ImageDataModule(data, image_size=32, num_workers=0, rotation=0, hflip=False, augment_on="cpu")
+    reference = ImageDataModule(
+        data, image_size=32, num_workers=0, rotation=0, hflip=False, augment_on="cpu", open_stream=StreamingReader
+    )
     reference.setup("fit")
     for stage, dataset, per_rank in (("train", reference.train_set, 16), ("val", reference.val_set, 8)):
         everything = [image_key(dataset[i][0]) for i in range(len(dataset))]
@@ -164,6 +167,6 @@ def test_ddp_on_cpu_trains_validates_and_matches_a_single_process(tmp_path):
     trainer = L.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
     )
-    dm = ImageDataModule(data, image_size=32, batch_size=8, num_workers=0)
+    dm = ImageDataModule(data, image_size=32, batch_size=8, num_workers=0, open_stream=StreamingReader)
     single_acc = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/acc"]
     assert abs(ddp_acc - single_acc) < 1e-6, (ddp_acc, single_acc)

@@ -24,6 +24,7 @@ import project.training as training
 from project.data import ImageDataModule
 from project.data.streaming import RECORD
 from project.tools import streaming_writer
+from project.tools.streaming_reader import StreamingReader
 from tests.conftest import ROOT, load_script, train_exit_code
 from tests.killing import Victim, leftovers
 
@@ -104,7 +105,7 @@ def assert_complete(out: Path, source: Path) -> None:
     metadata = json.loads((out / "classes.json").read_text())
     counts = {split: len(list((source / split).rglob("*.jpg"))) for split in ("train", "val", "test")}
     assert metadata["samples"] == counts
-    dm = ImageDataModule(str(out), image_size=32, batch_size=8, num_workers=0)
+    dm = ImageDataModule(str(out), image_size=32, batch_size=8, num_workers=0, open_stream=StreamingReader)
     dm.setup("fit")
     images, labels = next(iter(dm.val_dataloader()))
     assert images.shape == (8, 3, 32, 32) and len(labels) == 8

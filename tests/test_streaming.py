@@ -16,11 +16,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from litdata import StreamingDataset
 from PIL import Image
 
 import project.training as training
 from project.data import ImageDataModule
-from project.data.streaming import StreamingDataset, is_streaming_source
+from project.data.streaming import is_streaming_source
+from project.tools.streaming_reader import StreamingReader
 from project.tools.streaming_writer import encode_image
 from tests.conftest import ROOT, load_script, write_image
 
@@ -49,7 +51,7 @@ def test_optimize_writes_every_split_its_classes_and_a_shuffled_order(streamed, 
     assert metadata["samples"] == {"train": 320, "val": 80, "test": 80}
     assert metadata["image_size"] == 256
     assert is_streaming_source(str(streamed)) and not is_streaming_source(str(tiny_shapes))
-    dm = ImageDataModule(str(streamed))
+    dm = ImageDataModule(str(streamed), open_stream=StreamingReader)
     assert dm.source.name == "streaming" and dm.has_test
     assert dm.classes == metadata["classes"] == ImageDataModule(str(tiny_shapes)).classes
 
@@ -71,7 +73,9 @@ def test_encode_image_brings_the_shorter_side_down_never_up(tmp_path):
 
 def test_streaming_batches_take_the_shape_and_device_work_of_folder_batches(streamed, tiny_shapes):
     def first_batch(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-        dm = ImageDataModule(str(data_dir), image_size=32, batch_size=8, num_workers=0, shuffle=False)
+        dm = ImageDataModule(
+            str(data_dir), image_size=32, batch_size=8, num_workers=0, shuffle=False, open_stream=StreamingReader
+        )
         dm.setup("fit")
         return next(iter(dm.val_dataloader()))
 
@@ -79,12 +83,16 @@ def test_streaming_batches_take_the_shape_and_device_work_of_folder_batches(stre
     reference, _ = first_batch(tiny_shapes)
     assert images.dtype == reference.dtype == torch.uint8 and images.shape == reference.shape == (8, 3, 32, 32)
     assert labels.dtype == torch.int64 and labels.min() >= 0 and labels.max() < 8
-    normalized, _ = ImageDataModule(str(streamed)).on_after_batch_transfer((images, labels), 0)  # the device work
+    normalized, _ = ImageDataModule(str(streamed), open_stream=StreamingReader).on_after_batch_transfer(
+        (images, labels), 0
+    )  # the device work
     assert normalized.dtype == torch.float32 and -3 < normalized.mean() < 3
 
 
 def test_each_epoch_is_shuffled_anew_even_when_cut_short(streamed):
-    dm = ImageDataModule(str(streamed), image_size=32, batch_size=16, num_workers=2, persistent_workers=True)
+    dm = ImageDataModule(
+        str(streamed), image_size=32, batch_size=16, num_workers=2, persistent_workers=True, open_stream=StreamingReader
+    )
     dm.setup("fit")
     loader = dm.train_dataloader()
 
@@ -178,7 +186,7 @@ import sys
 import torch
 
 sys.path.insert(0, {root!r})
-from project.data.streaming import StreamingDataset
+from litdata import StreamingDataset
 
 read = StreamingDataset.__getitem__
 
@@ -259,7 +267,7 @@ def test_a_bad_url_is_a_one_line_usage_error(tmp_path, capsys, monkeypatch):
     assert load_script("train").main(["--data_dir", url, *TINY_RUN, "--default_root_dir", str(tmp_path)]) == 2
     assert url in one_error_line(capsys)
     with pytest.raises(FileNotFoundError, match=f"cannot read {url}/classes.json"):
-        ImageDataModule(url).setup("fit")
+        ImageDataModule(url, open_stream=StreamingReader).setup("fit")
 
 
 @pytest.mark.parametrize(

@@ -84,6 +84,8 @@ class ImageDataModule(L.LightningDataModule):
         shuffle: shuffle the training data every epoch
         sampler: random (plain shuffle) or balanced (class-balanced weighted sampling with replacement)
         collate_fn: the DataLoaders' collate function (None: PyTorch's default)
+        open_stream: opens a streaming dataset (when data_dir is one; scripts/train.py gives
+            project.tools.streaming_reader.StreamingReader)
         open_cache: reads a split's decoded cache, built when missing or stale (with cache; scripts/train.py gives
             project.feed.cache_builder.open_cache)
         pin_memory: page-locked batches for faster copies to the GPU; None: on when training on a CUDA device
@@ -129,6 +131,7 @@ class ImageDataModule(L.LightningDataModule):
         shuffle: bool = True,
         sampler: Sampler = "random",
         collate_fn: Callable | None = None,
+        open_stream: Callable | None = None,
         open_cache: Callable | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
@@ -163,8 +166,9 @@ class ImageDataModule(L.LightningDataModule):
         cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         builtin_dir = os.fspath(builtin_dir)
         mean, std = [float(m) for m in mean], [float(s) for s in std]
-        self.save_hyperparameters(ignore=["collate_fn", "open_cache"])
-        self.collate_fn, self.open_cache = collate_fn, open_cache  # callables, not hyperparameters
+        self.save_hyperparameters(ignore=["collate_fn", "open_stream", "open_cache"])
+        # callables, not hyperparameters
+        self.collate_fn, self.open_stream, self.open_cache = collate_fn, open_stream, open_cache
 
         self.data_dir = Path(data_dir) if data_dir is not None else Path(builtin_dir)
         self.is_builtin = data_dir is None
@@ -200,7 +204,12 @@ class ImageDataModule(L.LightningDataModule):
         """Where the data comes from, picked from the flags: the one place they choose it."""
         h = self.hparams
         if streaming:
-            return StreamingSource(h.data_dir, h.image_size, h.seed, h.cache_dir, h.max_cache_size)
+            if self.open_stream is None:
+                raise ValueError(
+                    f"{h.data_dir} is a streaming dataset: give open_stream="
+                    "project.tools.streaming_reader.StreamingReader (train.py does)"
+                )
+            return StreamingSource(self.open_stream(h.data_dir, h.image_size, h.seed, h.cache_dir, h.max_cache_size))
         if self.brings_own_datasets:
             source: DataSource = OwnDatasetsSource(self.datasets, h.val_fraction, h.seed)
         elif h.decode_on == "device":

@@ -20,12 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from project.data.encoded import DecodeBatch, EncodedImageFolder, collate_encoded
 from project.data.folder import IMG_EXTENSIONS, ImageFolderDataset, find_classes
-from project.data.streaming import ResumableStreamingDataLoader, read_metadata, streaming_dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,8 +200,8 @@ class DecodedCacheSource(DataSource):
 
 
 class StreamingSource(DataSource):
-    """A streaming dataset written by scripts/optimize_data.py (a folder, or an s3:// / gs:// URL), read by
-    litdata's loader.
+    """A streaming dataset written by scripts/optimize_data.py (a folder, or an s3:// / gs:// URL), read through
+    `stream` (a `project.tools.streaming_reader.StreamingReader`: its metadata, a dataset per split, the loader).
 
     Under DDP each training epoch deals every rank floor(N / (ranks * batch_size)) full batches of distinct
     samples; the other N mod (ranks * batch_size) samples sit that epoch out (litdata's drop_last, which DDP
@@ -216,36 +214,19 @@ class StreamingSource(DataSource):
     stores_decoded = True  # chunks are cached locally by litdata
     rebuild_each_setup = True
 
-    def __init__(self, url: str, image_size: int, seed: int, cache_dir: str | None, max_cache_size: str | None) -> None:
-        self.url, self.image_size, self.seed = url, image_size, seed
-        self.cache_dir, self.max_cache_size = cache_dir, max_cache_size
-        self._metadata: dict[str, Any] | None = None
-        self._train_loader: ResumableStreamingDataLoader | None = None  # whose position checkpoints save
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self._train_loader: DataLoader | None = None  # whose position checkpoints save
         self._loader_state: dict[str, Any] | None = None  # a checkpoint's loader position, until the loader exists
 
     @property
-    def metadata(self) -> dict[str, Any]:
-        """classes.json: class names, stored image size, samples per split."""
-        if self._metadata is None:
-            self._metadata = read_metadata(self.url)
-        return self._metadata
-
-    @property
     def classes(self) -> list[str]:
-        return list(self.metadata["classes"])
+        return list(self.stream.metadata["classes"])
 
     def datasets(self, transforms: Transforms) -> dict[str, Dataset]:
-        stored = self.metadata["image_size"]
-        if self.image_size > stored and self._train_loader is None:
-            rank_zero_warn(f"--image_size {self.image_size} upscales images stored at {stored} px")
         splits = {"train": transforms.train, "val": transforms.eval, "test": transforms.eval}
-        return {
-            split: streaming_dataset(
-                self.url, split, transform, self.image_size, self.seed, self.cache_dir, self.max_cache_size
-            )
-            for split, transform in splits.items()
-            if split in self.metadata["samples"]
-        }
+        stored = self.stream.metadata["samples"]
+        return {split: self.stream.dataset(split, transform) for split, transform in splits.items() if split in stored}
 
     def make_loader(self, dataset: Dataset, train: bool, distributed: bool, **settings: Any) -> DataLoader:
         # DDP: every rank must step as often, so training drops the remainder; evaluation keeps it (its metrics
@@ -254,7 +235,7 @@ class StreamingSource(DataSource):
         # persistent workers keep their own epoch (the shuffle) and position, which move on only when a worker
         # reaches the end of its share: with --limit_train_batches every epoch would replay one order
         settings["persistent_workers"] = False
-        loader = ResumableStreamingDataLoader(dataset, **settings)
+        loader = self.stream.loader(dataset, **settings)
         if train:
             if self._loader_state is not None:
                 loader.load_state_dict(self._loader_state)
@@ -263,8 +244,8 @@ class StreamingSource(DataSource):
         return loader
 
     def summary(self, datasets: dict[str, Dataset]) -> str:
-        sizes = ", ".join(f"{split} {n}" for split, n in self.metadata["samples"].items())
-        return f"data: streaming {self.url}: {sizes} images in {len(self.classes)} classes"
+        sizes = ", ".join(f"{split} {n}" for split, n in self.stream.metadata["samples"].items())
+        return f"data: streaming {self.stream.url}: {sizes} images in {len(self.classes)} classes"
 
     def state_dict(self) -> dict[str, Any]:
         return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}

@@ -50,6 +50,7 @@ from project.feed.throughput import (
     torch_threads,
     usable_cpus,
 )
+from project.tools.streaming_reader import StreamingReader
 from project.tools.streaming_writer import optimize_datamodule
 
 
@@ -126,6 +127,7 @@ def compare_pipelines(
             cache=cache,
             cache_dir=None if streaming else cache_dir,
             open_cache=open_cache,
+            open_stream=StreamingReader,
         )
         dm.setup("fit")
         if streaming:  # an iterable dataset: its own loader, read to its end at most once per measurement

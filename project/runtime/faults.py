@@ -26,7 +26,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from project.data.folder import BadImageError
-from project.data.streaming import SourceGoneError
 from project.runtime.checkpoints import DISK_FULL, INTERRUPTED
 
 
@@ -268,6 +267,17 @@ def _disk_full(error: BaseException) -> str | None:
         f"the disk is full ({full.strerror}){where}: free some space on it, or write to another disk "
         "(--default_root_dir for runs and checkpoints, --cache_dir for the decoded cache)"
     )
+
+
+class SourceGoneError(RuntimeError):
+    """The streaming source stopped answering mid-run: its folder removed or unmounted, its bucket's credentials
+    expired (raised by `project.tools.streaming_reader`). From a DataLoader worker, PyTorch re-raises it with the
+    worker's traceback as its message; `summary` is the one line that names the source."""
+
+    @property
+    def summary(self) -> str:
+        lines = [line.partition("streaming source ") for line in str(self).splitlines()]
+        return next((found + rest for _, found, rest in reversed(lines) if found), str(self))
 
 
 def explain_failure(error: BaseException) -> str | None:

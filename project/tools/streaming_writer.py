@@ -33,8 +33,9 @@ from PIL import Image
 
 from project.data import ImageDataModule
 from project.data.folder import BadImageError, load_image
-from project.data.streaming import METADATA, RECORD, SPLITS, is_url, join, object_store, read_json
+from project.data.streaming import METADATA, RECORD, SPLITS, is_url, join
 from project.runtime.checkpoints import DISK_FULL, is_alive
+from project.tools.streaming_reader import object_store, read_json
 
 # litdata's advice (64 MB): few requests per epoch, and only a few chunks per worker on the local disk at a time
 CHUNK_BYTES = 64 * 1000**2
