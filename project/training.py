@@ -22,6 +22,7 @@ from project.feed.throughput import auto_num_workers
 from project.models import ImageClassifier
 from project.models.classifier import Fraction
 from project.runtime import flags
+from project.runtime.bad_images import skip_bad_images
 from project.runtime.checkpoints import LOGS, AtomicCheckpointIO, check_resumable, model_checkpoint, resolve_ckpt_path
 from project.runtime.console import configure_console
 from project.runtime.faults import clear_failures, end_run
@@ -103,6 +104,8 @@ class TrainerOptions:
     gradient_clip_val: NonNegativeFloat | None = None
 
 
+# the extras' parts the DataModule's flags need (the names: project.data.datamodule.HANDED_OVER)
+HANDED_OVER = {"open_stream": StreamingReader, "open_cache": open_cache, "bad_image_skipper": skip_bad_images}
 FROM_DATA = {"num_classes", "class_names", "image_size", "mean", "std"}  # set from the data, not from flags
 FLAGS = {ImageClassifier: FROM_DATA, RunOptions: set(), TrainerOptions: set()}  # besides the DataModule's
 
@@ -124,7 +127,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 def build_datamodule(values: dict[str, Any]) -> L.LightningDataModule:
     cls = flags.load_datamodule_class(values.get("datamodule", RunOptions.datamodule))
     # num_workers auto: the DataModule's stand-in until the sweep
-    return cls(**kwargs_for(cls, {**values, "open_cache": open_cache, "open_stream": StreamingReader}))
+    return cls(**kwargs_for(cls, {**values, **HANDED_OVER}))
 
 
 def build_model(values: dict[str, Any], datamodule: L.LightningDataModule) -> ImageClassifier:

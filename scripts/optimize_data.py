@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 from project.data import ImageDataModule  # noqa: E402
 from project.data.folder import BadImageError  # noqa: E402
+from project.runtime.bad_images import skip_bad_images  # noqa: E402
 from project.runtime.checkpoints import DISK_FULL  # noqa: E402
 from project.runtime.flags import Parser, UsageError, positive_int  # noqa: E402
 from project.tools.streaming_writer import CHUNK_BYTES, IMAGE_SIZE, optimize_datamodule  # noqa: E402
@@ -80,7 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         print(f"optimize_data.py: error: argument --data_dir: no such folder {args.data_dir!r}", file=sys.stderr)
         return 2
-    datamodule = ImageDataModule(args.data_dir, seed=args.seed, skip_bad_images=args.skip_bad_images)
+    datamodule = ImageDataModule(
+        args.data_dir, seed=args.seed, skip_bad_images=args.skip_bad_images, bad_image_skipper=skip_bad_images
+    )
     try:
         written = optimize_datamodule(
             datamodule, args.output_dir, args.image_size, args.num_workers, chunk_bytes=args.chunk_bytes

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import PILToTensor
 
 from project.data import ImageDataModule, ImageFolderDataset
-from project.data.folder import BadImageError, BadImages, SkipBadCollate, SkipBadImages, load_image
+from project.data.folder import BadImageError, load_image
+from project.runtime.bad_images import BadImages, SkipBadCollate, SkipBadImages, skip_bad_images
 from tests.conftest import load_script, write_image
 
 
@@ -92,7 +93,7 @@ def test_skip_mode_substitutes_the_next_readable_image_and_reports_it(tmp_path):
     assert report.paths == (str(bad),)
     assert SkipBadCollate()([dataset[0], dataset[1]])[2] == BadImages(())  # an empty report when all is well
 
-    dm = ImageDataModule(root.parent, skip_bad_images=True, num_workers=0)
+    dm = ImageDataModule(root.parent, skip_bad_images=True, num_workers=0, bad_image_skipper=skip_bad_images)
     out = dm.on_after_batch_transfer(batch, 0)
     assert len(out) == 2 and dm.bad_images == [str(bad)]  # counted in the main process, batch as usual
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from project.conflicts import CONFLICTS, conflict
-from project.data import DecodedCacheSource, EncodedJpegSource, ImageDataModule, ImageFolderSource
+from project.data import DecodedCacheSource, EncodedJpegSource, ImageDataModule, ImageFolderSource, StreamingSource
 from project.feed.cache_builder import open_cache
+from project.runtime.bad_images import skip_bad_images
 from project.tools.streaming_reader import StreamingReader
 from tests.conftest import ROOT, load_script, train_exit_code
 
@@ -120,3 +121,16 @@ def test_the_one_loader_function_gives_a_streaming_source_every_setting(tiny_sha
     first = dm.train_set
     dm.setup("fit")
     assert dm.train_set is not first, "streaming splits must be rebuilt in each setup: the process count is read then"
+
+
+@pytest.mark.parametrize("flag", ["open_stream", "open_cache", "bad_image_skipper"])
+def test_a_flag_needing_an_extra_that_was_not_handed_over_is_refused(tiny_shapes, stream, flag):
+    """The core imports no extras: a DataModule built from Python without the part a flag needs says which."""
+    settings, handed, source = {
+        "open_stream": ({"data_dir": stream}, StreamingReader, StreamingSource),
+        "open_cache": ({"data_dir": tiny_shapes, "cache": True}, open_cache, DecodedCacheSource),
+        "bad_image_skipper": ({"data_dir": tiny_shapes, "skip_bad_images": True}, skip_bad_images, ImageFolderSource),
+    }[flag]
+    with pytest.raises(ValueError, match=f"give the DataModule {flag}=project"):
+        ImageDataModule(**settings)
+    assert type(ImageDataModule(**settings, **{flag: handed}).source) is source

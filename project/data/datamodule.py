@@ -30,7 +30,6 @@ from torchvision.transforms import v2
 
 from project.conflicts import conflict
 from project.data.builtin import generate_shapes
-from project.data.folder import SkipBadCollate, SkipBadImages
 from project.data.sources import (
     DataSource,
     DecodedCacheSource,
@@ -52,6 +51,12 @@ from project.data.transforms import (
     train_transform,
 )
 
+# the extras' parts the data flags need, which the training run hands over (the core imports no extras)
+HANDED_OVER = {
+    "open_stream": "project.tools.streaming_reader.StreamingReader",
+    "open_cache": "project.feed.cache_builder.open_cache",
+    "bad_image_skipper": "project.runtime.bad_images.skip_bad_images",
+}
 BUILTIN_DIR = "data/shapes"  # relative to the working directory, like lightning_logs/
 Sampler = Literal["random", "balanced"]
 AugmentOn = Literal["auto", "cpu", "device"]
@@ -88,6 +93,8 @@ class ImageDataModule(L.LightningDataModule):
             project.tools.streaming_reader.StreamingReader)
         open_cache: reads a split's decoded cache, built when missing or stale (with cache; scripts/train.py gives
             project.feed.cache_builder.open_cache)
+        bad_image_skipper: wraps a dataset and its collate function to skip and report unreadable images (with
+            skip_bad_images; scripts/train.py gives project.runtime.bad_images.skip_bad_images)
         pin_memory: page-locked batches for faster copies to the GPU; None: on when training on a CUDA device
         persistent_workers: keep the worker processes alive between epochs
         prefetch_factor: batches each worker loads ahead (None: PyTorch's default, 2)
@@ -133,6 +140,7 @@ class ImageDataModule(L.LightningDataModule):
         collate_fn: Callable | None = None,
         open_stream: Callable | None = None,
         open_cache: Callable | None = None,
+        bad_image_skipper: Callable | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         prefetch_factor: PositiveInt | None = None,
@@ -166,9 +174,10 @@ class ImageDataModule(L.LightningDataModule):
         cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         builtin_dir = os.fspath(builtin_dir)
         mean, std = [float(m) for m in mean], [float(s) for s in std]
-        self.save_hyperparameters(ignore=["collate_fn", "open_stream", "open_cache"])
-        # callables, not hyperparameters
-        self.collate_fn, self.open_stream, self.open_cache = collate_fn, open_stream, open_cache
+        self.save_hyperparameters(ignore=["collate_fn", "open_stream", "open_cache", "bad_image_skipper"])
+        # callables (the extras' ones handed over by the training run), not hyperparameters
+        self.collate_fn, self.open_stream = collate_fn, open_stream
+        self.open_cache, self.bad_image_skipper = open_cache, bad_image_skipper
 
         self.data_dir = Path(data_dir) if data_dir is not None else Path(builtin_dir)
         self.is_builtin = data_dir is None
@@ -176,6 +185,10 @@ class ImageDataModule(L.LightningDataModule):
         facts = {"streaming": streaming, "url": data_dir is not None and is_url(data_dir)}
         if message := conflict({**self.hparams, **facts, "own_datasets": self.brings_own_datasets}):
             raise ValueError(message)
+        wanted = {"open_stream": streaming, "open_cache": cache, "bad_image_skipper": skip_bad_images}
+        for name, path in HANDED_OVER.items():
+            if wanted[name] and getattr(self, name) is None:
+                raise ValueError(f"{name} is needed here: give the DataModule {name}={path}, as scripts/train.py does")
         self.num_workers: int = num_workers
         self.source = self.make_source(streaming)
         self.augment_on: str | None = None
@@ -204,11 +217,6 @@ class ImageDataModule(L.LightningDataModule):
         """Where the data comes from, picked from the flags: the one place they choose it."""
         h = self.hparams
         if streaming:
-            if self.open_stream is None:
-                raise ValueError(
-                    f"{h.data_dir} is a streaming dataset: give open_stream="
-                    "project.tools.streaming_reader.StreamingReader (train.py does)"
-                )
             return StreamingSource(self.open_stream(h.data_dir, h.image_size, h.seed, h.cache_dir, h.max_cache_size))
         if self.brings_own_datasets:
             source: DataSource = OwnDatasetsSource(self.datasets, h.val_fraction, h.seed)
@@ -217,8 +225,6 @@ class ImageDataModule(L.LightningDataModule):
         else:
             source = ImageFolderSource(self.data_dir, h.image_size, h.val_fraction, h.seed)
         if h.cache:
-            if self.open_cache is None:
-                raise ValueError("cache=True: give open_cache=project.feed.cache_builder.open_cache (train.py does)")
             settings = {"data_dir": str(self.data_dir), "cache_dir": h.cache_dir, "image_size": h.image_size}
             opened = functools.partial(self.open_cache, **settings, num_workers=self.num_workers)
             source = DecodedCacheSource(source, opened)
@@ -298,7 +304,7 @@ class ImageDataModule(L.LightningDataModule):
             "batch_size": h.batch_size,
             "num_workers": workers,
             "drop_last": train and h.drop_last,
-            "collate_fn": SkipBadCollate(collate) if h.skip_bad_images else collate,
+            "collate_fn": collate,
             "pin_memory": bool(self.pin_memory),
         }
         if workers > 0:
@@ -312,7 +318,7 @@ class ImageDataModule(L.LightningDataModule):
         else:
             settings["shuffle"] = train and h.shuffle
         if h.skip_bad_images:
-            dataset = SkipBadImages(dataset)
+            dataset, settings["collate_fn"] = self.bad_image_skipper(dataset, collate)
         distributed = trainer is not None and trainer.world_size > 1
         return self.source.make_loader(dataset, train, distributed, **settings)
 
@@ -342,7 +348,7 @@ class ImageDataModule(L.LightningDataModule):
         return self.source.before_transfer(batch, device)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.hparams.skip_bad_images:  # SkipBadCollate's report of the files skipped in this batch
+        if self.hparams.skip_bad_images:  # the bad_image_skipper's report of the files skipped in this batch
             *batch, skipped = batch
             self.bad_images.extend(skipped.paths)
         if self.augment_on is None:

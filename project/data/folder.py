@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import default_collate
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -39,13 +37,6 @@ class BadImageError(RuntimeError):
             if found:
                 return found + rest
         return lines[-1] if lines else "cannot read an image"
-
-
-@dataclass  # not frozen: Lightning's batch transfer (apply_to_collection) rejects frozen dataclasses
-class BadImages:
-    """Unreadable files that were replaced in a batch; rides along as the batch's last element."""
-
-    paths: tuple[str, ...]
 
 
 def is_hidden(name: str) -> bool:
@@ -177,52 +168,6 @@ def load_image(path: str | IO[bytes], min_size: int | None = None, name: str | N
         ) from error
 
 
-class SkipBadImages(torch.utils.data.Dataset):
-    """Any map-style dataset of `(image, label)` whose unreadable items are stood in for by the next readable one.
-
-    Item `i` is `(image, label, BadImages(paths))`, `paths` naming what was skipped (usually nothing), so the main
-    process can count them (workers cannot share a counter with it). A stand-in keeps batch sizes (and DDP
-    ranks' batch counts) unchanged; the next index rather than a random one keeps seeded runs reproducible.
-    """
-
-    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def _name(self, index: int, error: Exception) -> str:
-        if isinstance(error, BadImageError) and error.path:
-            return error.path
-        samples = getattr(self.dataset, "samples", None)  # your own dataset: its file, when it lists them
-        return str(samples[index][0]) if samples is not None else f"{type(self.dataset).__name__}[{index}]"
-
-    def __getitem__(self, index: int) -> tuple[Any, Any, BadImages]:
-        bad: list[str] = []
-        for offset in range(len(self)):
-            item = (index + offset) % len(self)
-            try:
-                image, target, *reported = self.dataset[item]  # a dataset may report its own (a blank stand-in)
-            except Exception as error:  # your own dataset raises whatever its decoder raises
-                bad.append(self._name(item, error))
-                continue
-            return image, target, BadImages(tuple(bad) + (reported[0].paths if reported else ()))
-        raise BadImageError(f"cannot read image {bad[0]!r}, nor any other image of the dataset", bad[0])
-
-
-class SkipBadCollate:
-    """Collate for `SkipBadImages`: batches the samples with `collate_fn` as usual and appends one `BadImages`
-    naming every file skipped in the batch (often none).
-    """
-
-    def __init__(self, collate_fn: Callable | None = None) -> None:
-        self.collate_fn = collate_fn or default_collate
-
-    def __call__(self, samples: Sequence[tuple]) -> Any:
-        bad = [path for sample in samples for path in sample[2].paths]
-        return (*self.collate_fn([sample[:2] for sample in samples]), BadImages(tuple(bad)))
-
-
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Images under `root/<class_name>/**` with the class index as label, like torchvision's `ImageFolder`.
 
@@ -232,7 +177,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         classes: the class list to enforce (a val/test split must have exactly train's classes).
         decode_min_size: decode JPEGs at reduced scale, never below this size (see `load_image`).
 
-    An unreadable file raises `BadImageError` naming it; `SkipBadImages` skips such files instead.
+    An unreadable file raises `BadImageError` naming it (`--skip_bad_images`: `project.runtime.bad_images`).
     """
 
     def __init__(

@@ -30,6 +30,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 
 from project.conflicts import conflict
 from project.data import ImageDataModule
+from project.data.datamodule import HANDED_OVER
 from project.data.streaming import is_streaming_source, is_url, unfinished_write
 from project.models.backbones import check_backbone
 
@@ -130,13 +131,7 @@ def parse_flags(parser: FlagParser, argv: Sequence[str]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------- train.py
 DEFAULT_DATAMODULE = "project.data.ImageDataModule"
-NOT_FLAGS = {
-    "collate_fn",
-    "open_stream",
-    "open_cache",
-    "mean",
-    "std",
-}  # callables the run hands over; the data's statistics
+NOT_FLAGS = {"collate_fn", *HANDED_OVER, "mean", "std"}  # callables, and the data's statistics
 
 
 def train_parser(datamodule: type, classes: dict[type, set[str]]) -> FlagParser:

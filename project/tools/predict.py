@@ -26,12 +26,12 @@ from project.data import ImageDataModule
 from project.data.folder import (
     IMG_EXTENSIONS,
     BadImageError,
-    BadImages,
     SampleList,
     is_image_file,
     load_image,
     walk_files,
 )
+from project.runtime.bad_images import BadImages, skip_bad_images
 from project.runtime.checkpoints import load_classifier
 
 
@@ -222,6 +222,7 @@ def predict(
         batch_size=batch_size,
         num_workers=num_workers,
         skip_bad_images=True,
+        bad_image_skipper=skip_bad_images,
     )
     writer = CSVPredictionWriter(output, model.class_names, top_k=top_k)
     trainer = L.Trainer(
