@@ -10,7 +10,7 @@ from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
-from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveInt
+from jsonargparse.typing import NonNegativeInt
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -24,14 +24,13 @@ from project.models.classifier import Fraction
 from project.runtime import flags
 from project.runtime.bad_images import skip_bad_images
 from project.runtime.checkpoints import LOGS, AtomicCheckpointIO, check_resumable, model_checkpoint, resolve_ckpt_path
-from project.runtime.console import configure_console
+from project.runtime.console import configure_console, print_summary
 from project.runtime.faults import clear_failures, end_run
-from project.runtime.flags import DEFAULT_DATAMODULE, UsageError, kwargs_for
+from project.runtime.flags import DEFAULT_DATAMODULE, TrainerOptions, UsageError, kwargs_for
 from project.tools.streaming_reader import StreamingReader
 
-Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"]
 Precision = Literal["auto", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "64-true", "64"]
-ACCELERATORS, PRECISIONS = get_args(Accelerator), get_args(Precision)
+PRECISIONS = get_args(Precision)
 PROFILERS = {"simple": SimpleProfiler, "advanced": AdvancedProfiler, "pytorch": PyTorchProfiler}
 
 
@@ -62,46 +61,6 @@ class RunOptions:
     unfreeze_at_epoch: NonNegativeInt | None = None
     ema_decay: Fraction = 0.0
     early_stopping_patience: NonNegativeInt = 0
-
-
-@dataclass
-class TrainerOptions:
-    """The Trainer's arguments that train.py passes on as they are, with train.py's defaults. The types are
-    narrower than the Trainer's own hints, which admit values Lightning rejects only once training starts.
-
-    Args:
-        accelerator: where to train; auto: a GPU when there is one, else the CPU
-        devices: how many devices (or which: 0,1); auto: all of the accelerator's
-        strategy: how the devices share the work: auto, ddp, ddp_spawn, fsdp, deepspeed, ...
-        num_nodes: machines in a distributed run
-        max_epochs: epochs to train
-        deterministic: deterministic algorithms only (reproducible on a GPU, slower)
-        default_root_dir: where lightning_logs/ (runs, checkpoints) goes
-        limit_train_batches: training batches per epoch: a count, or a fraction of them all
-        limit_val_batches: validation batches per epoch: a count, or a fraction of them all
-        limit_test_batches: test batches: a count, or a fraction of them all
-        fast_dev_run: a smoke test of this many batches of training, validation and test, writing no logs (0: off)
-        log_every_n_steps: log the training metrics every this many steps
-        accumulate_grad_batches: batches whose gradients add up to one optimizer step
-        gradient_clip_val: clip the gradients' norm at this value (none: no clipping)
-    """
-
-    accelerator: Accelerator = "auto"
-    devices: int | str = "auto"
-    strategy: str = "auto"
-    num_nodes: PositiveInt = 1
-    max_epochs: PositiveInt = 3
-    deterministic: bool = False
-    default_root_dir: str = "."
-    # int, not NonNegativeInt, which reads 1.0 (all batches) from a config file as 1 (one batch);
-    # check_flags refuses a negative count
-    limit_train_batches: int | ClosedUnitInterval = 1.0
-    limit_val_batches: int | ClosedUnitInterval = 1.0
-    limit_test_batches: int | ClosedUnitInterval = 1.0
-    fast_dev_run: NonNegativeInt = 0
-    log_every_n_steps: PositiveInt = 10
-    accumulate_grad_batches: PositiveInt = 1
-    gradient_clip_val: NonNegativeFloat | None = None
 
 
 # the extras' parts the DataModule's flags need (the names: project.data.datamodule.HANDED_OVER)
@@ -152,9 +111,7 @@ def build_trainer(values: dict[str, Any], callbacks: list[Callback]) -> L.Traine
             plugins=[AtomicCheckpointIO()],
         )
     except (MisconfigurationException, ValueError, TypeError) as error:
-        message = " ".join(str(error).split())
-        named = sorted((message.find(name), name) for name in kwargs if name in message)  # the first named
-        raise UsageError(f"argument --{named[0][1]}: {message}" if named else message) from None
+        raise flags.usage_error(error, kwargs) from None
 
 
 def train(values: dict[str, Any]) -> dict[str, Any]:
@@ -204,23 +161,6 @@ def train(values: dict[str, Any]) -> dict[str, Any]:
             )
         results["test_acc"] = tested[0].get("test/acc") if tested else None
     if trainer.is_global_zero:
-        print_summary(results, values["default_root_dir"])
+        print_summary(results, os.path.relpath(Path(values["default_root_dir"]) / LOGS))
     end_run(trainer)  # under DDP: the process group and the other ranks' processes end with this one
     return results
-
-
-def print_summary(results: dict[str, Any], root: str) -> None:
-    def fmt(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.4f}"
-
-    logs = os.path.relpath(Path(root) / LOGS)
-    print(f"\nbest val/acc {fmt(results['best_val_acc'])}   test/acc {fmt(results['test_acc'])}")
-    if results["stopped_early"]:
-        print(results["stopped_early"])
-    if results["best_checkpoint"]:
-        print(f"best checkpoint: {os.path.relpath(results['best_checkpoint'])}")
-    if results["last_checkpoint"]:
-        print(f"last checkpoint: {os.path.relpath(results['last_checkpoint'])}")
-    if results["log_dir"]:  # none under fast_dev_run, which writes no logs
-        print(f"run folder:      {os.path.relpath(results['log_dir'])}")
-        print(f"open it with:    tensorboard --logdir {logs}")

@@ -23,8 +23,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
 from project.data import generate_shapes  # noqa: E402
-from project.runtime.flags import Parser, positive_int  # noqa: E402
-from project.training import ACCELERATORS  # noqa: E402
+from project.runtime.flags import ACCELERATORS, Parser, positive_int  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = {"workers": [], "cache": ["--cache"], "decode_on device": ["--decode_on", "device"]}

@@ -14,9 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from project.runtime.flags import Parser, UsageError, non_negative_int, positive_int  # noqa: E402
+from project.runtime.flags import ACCELERATORS, Parser, UsageError, non_negative_int, positive_int  # noqa: E402
 from project.tools.predict import predict  # noqa: E402
-from project.training import ACCELERATORS  # noqa: E402
 
 
 def parser() -> Parser:

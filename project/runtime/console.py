@@ -8,7 +8,9 @@ an error in the user's data) still reaches the console.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
+from typing import Any
 
 # Lightning's info lines and warnings are emitted through these loggers (rank zero only)
 LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
@@ -53,3 +55,21 @@ def configure_console() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, DropProductTips) for f in logger.filters):
             logger.addFilter(DropProductTips())
+
+
+def print_summary(results: dict[str, Any], logs: str) -> None:
+    """The end of a run: its accuracies, checkpoints, run folder, and how to open `logs` in TensorBoard."""
+
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    print(f"\nbest val/acc {fmt(results['best_val_acc'])}   test/acc {fmt(results['test_acc'])}")
+    if results["stopped_early"]:
+        print(results["stopped_early"])
+    if results["best_checkpoint"]:
+        print(f"best checkpoint: {os.path.relpath(results['best_checkpoint'])}")
+    if results["last_checkpoint"]:
+        print(f"last checkpoint: {os.path.relpath(results['last_checkpoint'])}")
+    if results["log_dir"]:  # none under fast_dev_run, which writes no logs
+        print(f"run folder:      {os.path.relpath(results['log_dir'])}")
+        print(f"open it with:    tensorboard --logdir {logs}")

@@ -17,14 +17,16 @@ import importlib
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn, get_args
 
 import jsonargparse
 import lightning as L
 import torch
 import yaml
 from jsonargparse import Namespace
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveInt
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import SaveConfigCallback
 
@@ -130,6 +132,50 @@ def parse_flags(parser: FlagParser, argv: Sequence[str]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- train.py
+Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"]
+ACCELERATORS = get_args(Accelerator)
+
+
+@dataclass
+class TrainerOptions:
+    """The Trainer's arguments that train.py passes on as they are, with train.py's defaults. The types are
+    narrower than the Trainer's own hints, which admit values Lightning rejects only once training starts.
+
+    Args:
+        accelerator: where to train; auto: a GPU when there is one, else the CPU
+        devices: how many devices (or which: 0,1); auto: all of the accelerator's
+        strategy: how the devices share the work: auto, ddp, ddp_spawn, fsdp, deepspeed, ...
+        num_nodes: machines in a distributed run
+        max_epochs: epochs to train
+        deterministic: deterministic algorithms only (reproducible on a GPU, slower)
+        default_root_dir: where lightning_logs/ (runs, checkpoints) goes
+        limit_train_batches: training batches per epoch: a count, or a fraction of them all
+        limit_val_batches: validation batches per epoch: a count, or a fraction of them all
+        limit_test_batches: test batches: a count, or a fraction of them all
+        fast_dev_run: a smoke test of this many batches of training, validation and test, writing no logs (0: off)
+        log_every_n_steps: log the training metrics every this many steps
+        accumulate_grad_batches: batches whose gradients add up to one optimizer step
+        gradient_clip_val: clip the gradients' norm at this value (none: no clipping)
+    """
+
+    accelerator: Accelerator = "auto"
+    devices: int | str = "auto"
+    strategy: str = "auto"
+    num_nodes: PositiveInt = 1
+    max_epochs: PositiveInt = 3
+    deterministic: bool = False
+    default_root_dir: str = "."
+    # int, not NonNegativeInt, which reads 1.0 (all batches) from a config file as 1 (one batch);
+    # check_flags refuses a negative count
+    limit_train_batches: int | ClosedUnitInterval = 1.0
+    limit_val_batches: int | ClosedUnitInterval = 1.0
+    limit_test_batches: int | ClosedUnitInterval = 1.0
+    fast_dev_run: NonNegativeInt = 0
+    log_every_n_steps: PositiveInt = 10
+    accumulate_grad_batches: PositiveInt = 1
+    gradient_clip_val: NonNegativeFloat | None = None
+
+
 DEFAULT_DATAMODULE = "project.data.ImageDataModule"
 NOT_FLAGS = {"collate_fn", *HANDED_OVER, "mean", "std"}  # callables, and the data's statistics
 
@@ -202,6 +248,13 @@ def check_flags(values: dict[str, Any]) -> None:
     }
     if message := conflict({**values, **facts}):
         raise UsageError(message)
+
+
+def usage_error(error: Exception, names: Sequence[str]) -> UsageError:
+    """Lightning's complaint about its arguments (`names`) as a usage error naming the first one it mentions."""
+    message = " ".join(str(error).split())
+    named = sorted((message.find(name), name) for name in names if name in message)
+    return UsageError(f"argument --{named[0][1]}: {message}" if named else message)
 
 
 def check_accelerator(accelerator: str) -> None:
