@@ -12,17 +12,3 @@ from project.data.sources import (
     StreamingSource,
 )
 from project.data.streaming import is_streaming_source
-
-__all__ = [
-    "IMG_EXTENSIONS",
-    "DataSource",
-    "DecodedCacheSource",
-    "EncodedJpegSource",
-    "ImageDataModule",
-    "ImageFolderDataset",
-    "ImageFolderSource",
-    "OwnDatasetsSource",
-    "StreamingSource",
-    "generate_shapes",
-    "is_streaming_source",
-]

@@ -29,27 +29,11 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
 from project.conflicts import conflict
+from project.data import sources
+from project.data import transforms as T
 from project.data.builtin import generate_shapes
-from project.data.sources import (
-    DataSource,
-    DecodedCacheSource,
-    EncodedJpegSource,
-    ImageFolderSource,
-    OwnDatasetsSource,
-    StreamingSource,
-    Transforms,
-)
 from project.data.streaming import is_streaming_source, is_url
-from project.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DeviceTransform,
-    eval_transform,
-    recipe_augment,
-    tensor_train_transform,
-    then,
-    train_transform,
-)
+from project.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform
 
 # the extras' parts the data flags need, which the training run hands over (the core imports no extras)
 HANDED_OVER = {
@@ -213,21 +197,23 @@ class ImageDataModule(L.LightningDataModule):
     def brings_own_datasets(self) -> bool:
         return type(self).datasets is not ImageDataModule.datasets
 
-    def make_source(self, streaming: bool) -> DataSource:
+    def make_source(self, streaming: bool) -> sources.DataSource:
         """Where the data comes from, picked from the flags: the one place they choose it."""
         h = self.hparams
         if streaming:
-            return StreamingSource(self.open_stream(h.data_dir, h.image_size, h.seed, h.cache_dir, h.max_cache_size))
+            stream = self.open_stream(h.data_dir, h.image_size, h.seed, h.cache_dir, h.max_cache_size)
+            return sources.StreamingSource(stream)
         if self.brings_own_datasets:
-            source: DataSource = OwnDatasetsSource(self.datasets, h.val_fraction, h.seed)
+            source: sources.DataSource = sources.OwnDatasetsSource(self.datasets, h.val_fraction, h.seed)
         elif h.decode_on == "device":
-            return EncodedJpegSource(self.data_dir, h.image_size, h.val_fraction, h.seed)
+            return sources.EncodedJpegSource(self.data_dir, h.image_size, h.val_fraction, h.seed)
         else:
-            source = ImageFolderSource(self.data_dir, h.image_size, h.val_fraction, h.seed)
+            source = sources.ImageFolderSource(self.data_dir, h.image_size, h.val_fraction, h.seed)
         if h.cache:
-            settings = {"data_dir": str(self.data_dir), "cache_dir": h.cache_dir, "image_size": h.image_size}
-            opened = functools.partial(self.open_cache, **settings, num_workers=self.num_workers)
-            source = DecodedCacheSource(source, opened)
+            where = {"data_dir": str(self.data_dir), "cache_dir": h.cache_dir, "num_workers": self.num_workers}
+            source = sources.DecodedCacheSource(
+                source, functools.partial(self.open_cache, image_size=h.image_size, **where)
+            )
         return source
 
     @property
@@ -256,23 +242,18 @@ class ImageDataModule(L.LightningDataModule):
         on_device = wanted or self.source.decodes_on_device
         self.augment_on = "device" if on_device else "cpu"
         self.pin_memory = h.pin_memory if h.pin_memory is not None else device == "cuda"
-        cpu_rotation, cpu_hflip = (0.0, False) if on_device else (h.rotation, h.hflip)
-        recipe = recipe_augment(h.auto_augment, h.random_erase, h.mean)  # per image: in the workers wherever
-        self.transforms = Transforms(
-            then(train_transform(h.image_size, cpu_rotation, cpu_hflip), recipe),
-            eval_transform(h.image_size),
-            then(tensor_train_transform(cpu_rotation, cpu_hflip), recipe),
+        off, augment = (0.0, False), (h.rotation, h.hflip)  # (rotation, hflip): on one side only
+        on_cpu, on_accelerator = (off, augment) if on_device else (augment, off)
+        recipe = T.recipe_augment(h.auto_augment, h.random_erase, h.mean)  # per image: in the workers wherever
+        self.transforms = sources.Transforms(
+            T.then(T.train_transform(h.image_size, *on_cpu), recipe),
+            T.eval_transform(h.image_size),
+            T.then(T.tensor_train_transform(*on_cpu), recipe),
         )
         mixing = ((v2.MixUp, h.mixup_alpha), (v2.CutMix, h.cutmix_alpha))
         mixers = [mix(alpha=alpha, num_classes=len(self.classes)) for mix, alpha in mixing if alpha]
         self.mix = v2.RandomChoice(mixers) if mixers else None
-        self.device_transform = DeviceTransform(
-            h.mean,
-            h.std,
-            rotation=h.rotation if on_device else 0.0,
-            hflip=h.hflip and on_device,
-            channels_last=h.channels_last,
-        )
+        self.device_transform = DeviceTransform(h.mean, h.std, *on_accelerator, channels_last=h.channels_last)
 
     def setup(self, stage: str | None = None) -> None:
         if self.augment_on is None:
@@ -333,11 +314,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """A streaming training loader's position, which checkpoints keep, so a resumed run carries on mid-epoch.
-
-        Lightning saves a stateful training loader's state itself, but loads it only into a loader built after
-        the checkpoint is read; the learning-rate schedule's `estimated_stepping_batches` builds it before
-        (Lightning #20550), so the DataModule, restored first, carries the position over.
-        """
+        (Lightning restores a loader's state only into one built after the checkpoint is read; the schedule's
+        `estimated_stepping_batches` builds it before, #20550: the DataModule, restored first, carries it over.)"""
         return self.source.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -90,9 +90,6 @@ class SampleList(Sequence):
             raise IndexError(index)
         return self.path(index), int(self.targets[index])
 
-    def __iter__(self) -> Iterator[tuple[str, int]]:
-        return (self[i] for i in range(len(self)))
-
 
 def is_image_file(name: str) -> bool:
     return not is_hidden(name) and name.lower().endswith(IMG_EXTENSIONS)

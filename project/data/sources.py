@@ -1,14 +1,6 @@
-"""Where the data comes from: one small class per way data reaches the loaders, all with one interface.
-
-`ImageDataModule.make_source` picks one from the flags, in one place. A source gives the class names and the
-datasets of each split, each built with its transform; it may name its collate function, work done on a batch
-before it moves to the device, and the loader class. The DataModule builds every loader in one function.
-
-- `ImageFolderSource`: data_dir/train/<class>/* with optional val/ and test/ (a missing val/ is split off train/)
-- `EncodedJpegSource`: the same folder, JPEGs read as bytes and decoded on the device (`--decode_on device`)
-- `DecodedCacheSource`: another source's images decoded once into a uint8 store (`--cache`)
-- `StreamingSource`: a litdata dataset written by scripts/optimize_data.py, local or s3:// / gs://
-- `OwnDatasetsSource`: the datasets your DataModule's `datasets()` returns (examples/csv_datamodule.py)
+"""Where the data comes from: one small class per way data reaches the loaders, all with one interface
+(`DataSource`): the class names, each split built with its transform, and where needed a collate function, work
+on a batch before it moves to the device, and the loader. `ImageDataModule.make_source` picks one from the flags.
 """
 
 from __future__ import annotations
@@ -201,7 +193,7 @@ class DecodedCacheSource(DataSource):
 
 class StreamingSource(DataSource):
     """A streaming dataset written by scripts/optimize_data.py (a folder, or an s3:// / gs:// URL), read through
-    `stream` (a `project.tools.streaming_reader.StreamingReader`: its metadata, a dataset per split, the loader).
+    `stream` (a `project.tools.streaming_reader.StreamingReader`: the metadata, the splits, the resumable loader).
 
     Under DDP each training epoch deals every rank floor(N / (ranks * batch_size)) full batches of distinct
     samples; the other N mod (ranks * batch_size) samples sit that epoch out (litdata's drop_last, which DDP
@@ -216,8 +208,6 @@ class StreamingSource(DataSource):
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
-        self._train_loader: DataLoader | None = None  # whose position checkpoints save
-        self._loader_state: dict[str, Any] | None = None  # a checkpoint's loader position, until the loader exists
 
     @property
     def classes(self) -> list[str]:
@@ -235,23 +225,17 @@ class StreamingSource(DataSource):
         # persistent workers keep their own epoch (the shuffle) and position, which move on only when a worker
         # reaches the end of its share: with --limit_train_batches every epoch would replay one order
         settings["persistent_workers"] = False
-        loader = self.stream.loader(dataset, **settings)
-        if train:
-            if self._loader_state is not None:
-                loader.load_state_dict(self._loader_state)
-                self._loader_state = None
-            self._train_loader = loader
-        return loader
+        return self.stream.loader(dataset, train, **settings)
 
     def summary(self, datasets: dict[str, Dataset]) -> str:
         sizes = ", ".join(f"{split} {n}" for split, n in self.stream.metadata["samples"].items())
         return f"data: streaming {self.stream.url}: {sizes} images in {len(self.classes)} classes"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+        return self.stream.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._loader_state = state.get("train_loader")
+        self.stream.load_state_dict(state)
 
 
 class OwnDatasetsSource(DataSource):

@@ -11,7 +11,6 @@ writes it, so a half-written OUT is refused with the command that completes it. 
 
 from __future__ import annotations
 
-import json
 import os
 
 METADATA = "classes.json"
@@ -31,21 +30,6 @@ def join(root: str, *parts: str) -> str:
 
 def is_streaming_source(data_dir: str) -> bool:
     """Whether `data_dir` is optimize_data.py output: a URL, or a folder with classes.json, optimize_data.json or
-    train/index.json (without classes.json: an unfinished write, which `unfinished_write` reports)."""
+    train/index.json (without classes.json: an unfinished write, refused by `runtime.flags.unfinished_write`)."""
     found = ([METADATA], [RECORD], ["train", "index.json"])
     return is_url(data_dir) or any(os.path.isfile(join(data_dir, *p)) for p in found)
-
-
-def unfinished_write(data_dir: str) -> str | None:
-    """One line for a local folder that optimize_data.py has not finished writing (no classes.json), with the
-    command that completes it; None for anything else."""
-    if is_url(data_dir) or not is_streaming_source(data_dir) or os.path.isfile(join(data_dir, METADATA)):
-        return None
-    command = None
-    if os.path.isfile(join(data_dir, RECORD)):
-        with open(join(data_dir, RECORD)) as f:
-            command = json.load(f)["command"]
-    return (
-        f"--data_dir {data_dir}: a streaming dataset that optimize_data.py did not finish writing (no {METADATA}); "
-        + (f"complete it with: {command}" if command else "write it again with scripts/optimize_data.py")
-    )

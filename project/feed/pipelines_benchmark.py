@@ -38,7 +38,7 @@ from torchvision import transforms as T
 from project.data.builtin import generate_shapes
 from project.data.datamodule import ImageDataModule
 from project.data.folder import load_image
-from project.data.streaming import is_streaming_source, unfinished_write
+from project.data.streaming import is_streaming_source
 from project.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomResizeRotateFlip
 from project.feed.cache_builder import open_cache
 from project.feed.throughput import (
@@ -50,6 +50,7 @@ from project.feed.throughput import (
     torch_threads,
     usable_cpus,
 )
+from project.runtime.flags import unfinished_write
 from project.tools.streaming_reader import StreamingReader
 from project.tools.streaming_writer import optimize_datamodule
 

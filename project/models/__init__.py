@@ -8,5 +8,3 @@ from project.models.backbones import (
     register_backbone,
 )
 from project.models.classifier import ImageClassifier
-
-__all__ = ["BACKBONES", "ImageClassifier", "SimpleCNN", "available_backbones", "build_backbone", "register_backbone"]

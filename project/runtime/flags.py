@@ -14,6 +14,8 @@ import argparse
 import contextlib
 import functools
 import importlib
+import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -33,7 +35,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from project.conflicts import conflict
 from project.data import ImageDataModule
 from project.data.datamodule import HANDED_OVER
-from project.data.streaming import is_streaming_source, is_url, unfinished_write
+from project.data.streaming import METADATA, RECORD, is_streaming_source, is_url, join
 from project.models.backbones import check_backbone
 
 
@@ -255,6 +257,21 @@ def usage_error(error: Exception, names: Sequence[str]) -> UsageError:
     message = " ".join(str(error).split())
     named = sorted((message.find(name), name) for name in names if name in message)
     return UsageError(f"argument --{named[0][1]}: {message}" if named else message)
+
+
+def unfinished_write(data_dir: str) -> str | None:
+    """One line for a local folder that optimize_data.py has not finished writing (no classes.json), with the
+    command that completes it; None for anything else."""
+    if is_url(data_dir) or not is_streaming_source(data_dir) or os.path.isfile(join(data_dir, METADATA)):
+        return None
+    command = None
+    if os.path.isfile(join(data_dir, RECORD)):
+        with open(join(data_dir, RECORD)) as f:
+            command = json.load(f)["command"]
+    return (
+        f"--data_dir {data_dir}: a streaming dataset that optimize_data.py did not finish writing (no {METADATA}); "
+        + (f"complete it with: {command}" if command else "write it again with scripts/optimize_data.py")
+    )
 
 
 def check_accelerator(accelerator: str) -> None:

@@ -18,8 +18,9 @@ from litdata import StreamingDataLoader, StreamingDataset
 from litdata.streaming.fs_provider import GCPFsProvider, S3FsProvider
 
 from project.data.folder import load_image
-from project.data.streaming import METADATA, is_url, join, unfinished_write
+from project.data.streaming import METADATA, is_url, join
 from project.runtime.faults import SourceGoneError
+from project.runtime.flags import unfinished_write
 
 
 def object_store(url: str) -> S3FsProvider | GCPFsProvider:
@@ -140,9 +141,8 @@ def streaming_dataset(
 
 
 class StreamingReader:
-    """One streaming dataset's I/O: its `metadata` (classes.json), each split as a dataset, and the loader class."""
-
-    loader = ResumableStreamingDataLoader
+    """One streaming dataset's I/O: its `metadata` (classes.json), each split as a dataset, and the loaders, whose
+    training loader's position checkpoints keep (`state_dict`), so a resumed run carries on mid-epoch."""
 
     def __init__(
         self, url: str, image_size: int, seed: int, cache_dir: str | None = None, max_cache_size: str | None = None
@@ -150,6 +150,8 @@ class StreamingReader:
         self.url, self.image_size, self.seed = url, image_size, seed
         self.cache_dir, self.max_cache_size = cache_dir, max_cache_size
         self.warned = False
+        self.train_loader: ResumableStreamingDataLoader | None = None  # whose position checkpoints save
+        self.loader_state: dict[str, Any] | None = None  # a checkpoint's loader position, until the loader exists
 
     @functools.cached_property
     def metadata(self) -> dict[str, Any]:
@@ -164,3 +166,18 @@ class StreamingReader:
         return streaming_dataset(
             self.url, split, transform, self.image_size, self.seed, self.cache_dir, self.max_cache_size
         )
+
+    def loader(self, dataset: StreamingDataset, train: bool, **settings: Any) -> ResumableStreamingDataLoader:
+        loader = ResumableStreamingDataLoader(dataset, **settings)
+        if train:
+            if self.loader_state is not None:
+                loader.load_state_dict(self.loader_state)
+                self.loader_state = None
+            self.train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_loader": self.train_loader.state_dict()} if self.train_loader is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader_state = state.get("train_loader")
