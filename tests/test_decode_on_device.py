@@ -100,6 +100,16 @@ def test_a_training_run_decodes_on_the_device_side_of_the_loader(tmp_path):
     assert trainer.global_step == len(seen) == 2  # 8 images in batches of 4
 
 
+def test_splits_held_out_of_train_still_hand_over_bytes(tmp_path):
+    """Without val/, the validation split is cut from train/: both halves keep reading JPEG bytes."""
+    mixed_folder(tmp_path / "train", size=(96, 72))
+    datamodule = ImageDataModule(tmp_path, image_size=32, num_workers=0, decode_on="device", val_fraction=0.5)
+    datamodule.setup("fit")
+    for dataset in (datamodule.train_set, datamodule.val_set):
+        assert isinstance(dataset, EncodedImageFolder)
+        assert any(dataset[i][0].ndim == 1 for i in range(len(dataset)))  # JPEG bytes, decoded on the device
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_nvjpeg_decodes_like_the_cpu(tmp_path):

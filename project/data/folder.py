@@ -212,7 +212,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def subset(self, indices: Sequence[int], transform: Callable | None = None) -> ImageFolderDataset:
         """A dataset over some of these samples (e.g. a val split), with its own transform."""
-        view = object.__new__(ImageFolderDataset)
+        view = object.__new__(type(self))  # an EncodedImageFolder's split still hands over bytes
         view.__dict__.update(self.__dict__)
         view.samples = self.samples.take(indices)
         view.transform = transform
