@@ -25,6 +25,7 @@ from project.data import ImageDataModule  # noqa: E402
 from project.data.folder import BadImageError  # noqa: E402
 from project.runtime.bad_images import skip_bad_images  # noqa: E402
 from project.runtime.checkpoints import DISK_FULL  # noqa: E402
+from project.runtime.faults import named_line  # noqa: E402
 from project.runtime.flags import Parser, UsageError, positive_int  # noqa: E402
 from project.tools.streaming_writer import CHUNK_BYTES, IMAGE_SIZE, optimize_datamodule  # noqa: E402
 
@@ -98,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"optimize_data.py: error: {error.strerror}{where}", file=sys.stderr)
         return 1
     except BadImageError as error:
-        print(f"optimize_data.py: error: {error.summary}", file=sys.stderr)
+        print(f"optimize_data.py: error: {named_line(error)}", file=sys.stderr)
         return 1
     sizes = ", ".join(f"{split} {n}" for split, n in written["samples"].items())
     skipped = sum(written["skipped"].values())

@@ -17,6 +17,7 @@ from torchvision.transforms.v2 import PILToTensor
 from project.data import ImageDataModule, ImageFolderDataset
 from project.data.folder import BadImageError, load_image
 from project.runtime.bad_images import BadImages, SkipBadCollate, SkipBadImages, skip_bad_images
+from project.runtime.faults import named_line
 from tests.conftest import load_script, write_image
 
 
@@ -63,8 +64,8 @@ def test_unreadable_image_fails_naming_the_file(tmp_path, kind):
     dataset = tensor_dataset(root)
     with pytest.raises(BadImageError, match="2.jpg") as error:
         dataset[2]
-    assert error.value.summary.startswith(f"cannot read image {str(bad)!r}")
-    assert "--skip_bad_images" in error.value.summary
+    assert named_line(error.value).startswith(f"cannot read image {str(bad)!r}")
+    assert "--skip_bad_images" in named_line(error.value)
 
 
 def test_worker_error_names_the_file_in_one_line(tmp_path):
@@ -74,7 +75,7 @@ def test_worker_error_names_the_file_in_one_line(tmp_path):
     with pytest.raises(BadImageError) as error:
         list(loader)
     assert "worker process" in str(error.value)  # raised in a worker, re-raised here with its traceback
-    summary = error.value.summary
+    summary = named_line(error.value)
     assert "\n" not in summary and str(bad) in summary
 
 

@@ -19,24 +19,13 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".p
 
 
 class BadImageError(RuntimeError):
-    """An image file that cannot be decoded (corrupt, truncated, or not an image at all).
-
-    Raised in a DataLoader worker, PyTorch re-raises it in the main process with the worker's
-    traceback as its message; `summary` is the one line that names the file.
-    """
+    """An image file that cannot be decoded (corrupt, truncated, or not an image at all), named in the message
+    and in `path`. From a DataLoader worker it arrives with the worker's traceback as its message, from which
+    `project.runtime.faults.named_line` takes the line that names the file."""
 
     def __init__(self, message: str, path: str | None = None) -> None:
         super().__init__(message)
         self.path = path
-
-    @property
-    def summary(self) -> str:
-        lines = [line for line in str(self).splitlines() if line.strip()]
-        for line in reversed(lines):
-            _, found, rest = line.partition("cannot read image ")
-            if found:
-                return found + rest
-        return lines[-1] if lines else "cannot read an image"
 
 
 def is_hidden(name: str) -> bool:

@@ -271,13 +271,19 @@ def _disk_full(error: BaseException) -> str | None:
 
 class SourceGoneError(RuntimeError):
     """The streaming source stopped answering mid-run: its folder removed or unmounted, its bucket's credentials
-    expired (raised by `project.tools.streaming_reader`). From a DataLoader worker, PyTorch re-raises it with the
-    worker's traceback as its message; `summary` is the one line that names the source."""
+    expired (raised by `project.tools.streaming_reader`)."""
 
-    @property
-    def summary(self) -> str:
-        lines = [line.partition("streaming source ") for line in str(self).splitlines()]
-        return next((found + rest for _, found, rest in reversed(lines) if found), str(self))
+
+def named_line(error: BaseException) -> str:
+    """The line of a `BadImageError` or a `SourceGoneError` that names the file or the source: from a DataLoader
+    worker, PyTorch re-raises either with the worker's whole traceback as its message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):
+        for marker in ("cannot read image ", "streaming source "):
+            _, found, rest = line.partition(marker)
+            if found:
+                return found + rest
+    return lines[-1] if lines else type(error).__name__
 
 
 def explain_failure(error: BaseException) -> str | None:
@@ -290,7 +296,7 @@ def explain_failure(error: BaseException) -> str | None:
     chain = _chain(error)
     for cause in chain:
         if isinstance(cause, (BadImageError, SourceGoneError)):  # a file, or the streaming source, named
-            return cause.summary
+            return named_line(cause)
         if isinstance(cause, TrainingStopped):
             return str(cause)
     full = _disk_full(error)

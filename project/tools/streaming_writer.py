@@ -35,6 +35,7 @@ from project.data import ImageDataModule
 from project.data.folder import BadImageError, load_image
 from project.data.streaming import METADATA, RECORD, SPLITS, is_url, join
 from project.runtime.checkpoints import DISK_FULL, is_alive
+from project.runtime.faults import named_line
 from project.tools.streaming_reader import object_store, read_json
 
 # litdata's advice (64 MB): few requests per epoch, and only a few chunks per worker on the local disk at a time
@@ -130,7 +131,7 @@ class EncodeSample:
         except BadImageError as error:
             if not self.skip_bad_images:
                 raise
-            print(f"skipped {error.summary}", file=sys.stderr)
+            print(f"skipped {named_line(error)}", file=sys.stderr)
             return
         yield {"image": image, "label": int(label)}
 
