@@ -1,9 +1,7 @@
 """Backbones: plain `nn.Module`s that map `(B, 3, H, W)` float images to `(B, num_classes)` logits.
 
-`build_backbone(name, num_classes)` looks `name` up in `BACKBONES` (this project's own models) and
-then among torchvision's classification architectures; `timm/<name>` is any timm model (the `timm` extra).
-Always built without weights unless `pretrained=True` is asked for. To add a model, decorate a function
-with `@register_backbone("name")`.
+`build_backbone(name, num_classes)` looks in `BACKBONES` (this project's models, added by `@register_backbone("name")`),
+then torchvision's classifiers; `timm/<name>` is any timm model (the `timm` extra). No weights unless `pretrained=True`.
 """
 
 from __future__ import annotations
@@ -16,8 +14,9 @@ import torchvision
 from torch import nn
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
-# `timm/<name>` routes to timm by its prefix; its ~1,300 models are never listed in --help or errors
-TIMM = "timm/"
+TIMM = "timm/"  # routes `timm/<name>` to timm; its ~1,300 models are never listed in --help or errors
+# their auxiliary classifiers make the training forward return a tuple; the loss takes the main logits only
+WITHOUT_AUX_HEADS = {"googlenet": {"aux_logits": False}, "inception_v3": {"aux_logits": False}}
 
 
 def register_backbone(name: str) -> Callable:
@@ -48,24 +47,16 @@ def check_backbone(name: str) -> None:
 
 
 class SimpleCNN(nn.Module):
-    """Four conv blocks (conv 3x3, batch norm, ReLU, 2x2 max pool), global average pool, linear head.
-
-    Channels double per block from `width`; global pooling makes it work for any image size >= 32
-    (four halvings leave at least 2x2). About 0.4 M parameters at the default width.
-    """
+    """Four conv blocks (conv 3x3, batch norm, ReLU, 2x2 max pool) doubling channels from `width`, global average
+    pool, linear head: any image size >= 32 (four halvings leave >= 2x2). ~0.4 M parameters at the default width."""
 
     def __init__(self, num_classes: int, width: int = 32, in_channels: int = 3, dropout: float = 0.1) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        channels = in_channels
+        layers, channels = [], in_channels
         for i in range(4):
             out = width * 2**i
-            layers += [
-                nn.Conv2d(channels, out, 3, padding=1, bias=False),  # bias is redundant before batch norm
-                nn.BatchNorm2d(out),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(2),
-            ]
+            conv = nn.Conv2d(channels, out, 3, padding=1, bias=False)  # bias is redundant before batch norm
+            layers += [conv, nn.BatchNorm2d(out), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
             channels = out
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -92,36 +83,13 @@ def _last_linear(model: nn.Module) -> str:
 
 
 def head_name(model: nn.Module) -> str:
-    """Name of `model`'s classification head: a timm model's `get_classifier()`, its `head` submodule
-    (SimpleCNN, swin, ...), else the final nn.Linear. Everything else is the feature extractor that
-    fine-tuning freezes."""
+    """Name of `model`'s classification head: a timm model's `get_classifier()`, its `head` submodule (SimpleCNN,
+    swin, ...), else the final nn.Linear. Everything else is the feature extractor that fine-tuning freezes."""
     # timm's heads come in many shapes (a 1x1 conv, a Linear after a norm): each model knows its own
     classifier = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else None
     if named := [n for n, m in model.named_modules() if m is classifier]:
         return named[0]
     return "head" if isinstance(getattr(model, "head", None), nn.Module) else _last_linear(model)
-
-
-def _replace_last_linear(model: nn.Module, num_classes: int) -> None:
-    """Swap the final nn.Linear (the ImageNet head) for a fresh one with `num_classes` outputs."""
-    name = _last_linear(model)
-    last = model.get_submodule(name)
-    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-    setattr(parent, name.rpartition(".")[2], nn.Linear(last.in_features, num_classes))
-
-
-def _pretrained_torchvision(name: str, num_classes: int, **kw) -> nn.Module:
-    weights = torchvision.models.get_model_weights(name).DEFAULT
-    try:
-        model = torchvision.models.get_model(name, weights=weights, **kw)
-    except Exception as error:  # URLError, HTTPError, SSL errors, ...: all mean "could not fetch"
-        cache = f"{torch.hub.get_dir()}/checkpoints/{weights.url.rsplit('/', 1)[-1]}"
-        raise ConnectionError(
-            f"--pretrained: could not fetch the {name} weights ({type(error).__name__}: {error}). "
-            f"Download {weights.url} on a connected machine and put it at {cache}, or train without --pretrained."
-        ) from error
-    _replace_last_linear(model, num_classes)
-    return model
 
 
 def timm_backbone(name: str, num_classes: int, pretrained: bool = False, **kw) -> nn.Module:
@@ -145,10 +113,6 @@ def timm_backbone(name: str, num_classes: int, pretrained: bool = False, **kw) -
         ) from error
 
 
-# their auxiliary classifiers make the training forward return a tuple; the loss takes the main logits only
-WITHOUT_AUX_HEADS = {"googlenet": {"aux_logits": False}, "inception_v3": {"aux_logits": False}}
-
-
 def build_backbone(name: str, num_classes: int, pretrained: bool = False, **kw) -> nn.Module:
     """Build backbone `name` with a `num_classes`-way head. Nothing is downloaded unless `pretrained`."""
     check_backbone(name)
@@ -157,8 +121,20 @@ def build_backbone(name: str, num_classes: int, pretrained: bool = False, **kw) 
     if name.startswith(TIMM):
         return timm_backbone(name.removeprefix(TIMM), num_classes, pretrained, **kw)
     kw = {**WITHOUT_AUX_HEADS.get(name, {}), **kw}  # one of torchvision's
-    if pretrained:
-        return _pretrained_torchvision(name, num_classes, **kw)
-    if name in WITHOUT_AUX_HEADS:
-        kw.setdefault("init_weights", True)  # torchvision warns that its default init will change
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
+    if not pretrained:
+        if name in WITHOUT_AUX_HEADS:
+            kw.setdefault("init_weights", True)  # torchvision warns that its default init will change
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    try:
+        model = torchvision.models.get_model(name, weights=weights, **kw)
+    except Exception as error:  # URLError, HTTPError, SSL errors, ...: all mean "could not fetch"
+        cache = f"{torch.hub.get_dir()}/checkpoints/{weights.url.rsplit('/', 1)[-1]}"
+        raise ConnectionError(
+            f"--pretrained: could not fetch the {name} weights ({type(error).__name__}: {error}). "
+            f"Download {weights.url} on a connected machine and put it at {cache}, or train without --pretrained."
+        ) from error
+    head = _last_linear(model)  # swap the ImageNet head for a fresh `num_classes`-way one
+    parent, _, attr = head.rpartition(".")
+    setattr(model.get_submodule(parent), attr, nn.Linear(model.get_submodule(head).in_features, num_classes))
+    return model

@@ -1,9 +1,7 @@
-"""`ImageClassifier`: the LightningModule that owns everything about learning.
+"""`ImageClassifier`, the LightningModule that owns all of learning: backbone, loss, metrics, optimizer and schedule.
 
-Backbone, loss, metrics (torchmetrics), optimizer and schedule. Its hyperparameters are primitives
-only (strings, numbers, lists), among them the class names and preprocessing, so a checkpoint is
-self-contained: `ImageClassifier.load_from_checkpoint(path)` needs no other argument and
-`torch.load(path, weights_only=True)` works.
+Hyperparameters are primitives only (strings, numbers, lists), class names and preprocessing included, so checkpoints
+are self-contained: `load_from_checkpoint(path)` needs no other argument; `torch.load(path, weights_only=True)` works.
 """
 
 from __future__ import annotations
@@ -14,10 +12,8 @@ from typing import Literal
 
 import lightning as L
 import torch
+import torchmetrics
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt, restricted_number_type
-from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 
 from project.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from project.models.backbones import build_backbone
@@ -26,22 +22,19 @@ OPTIMIZERS = ("adamw", "sgd")
 Fraction = restricted_number_type("Fraction", float, [(">=", 0), ("<", 1)])  # momentum, label smoothing: [0, 1)
 
 
-def decay_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
-    """Optimizer param groups: weight decay on weight matrices and kernels only (decaying biases and
-    norm scales hurts)."""
+def decay_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """Optimizer param groups: weight decay on weight matrices and kernels only (decaying biases, norm scales hurts)."""
     params = list(params)
-    return [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-    ]
+    decay, no_decay = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     """LR factor: linear warm-up from ~0 to 1, then cosine decay to 0 at `total_steps`."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class ImageClassifier(L.LightningModule):
@@ -94,18 +87,16 @@ class ImageClassifier(L.LightningModule):
         class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
         mean, std = [float(m) for m in mean], [float(s) for s in std]
         self.save_hyperparameters()
-
         self.model = build_backbone(backbone, num_classes, pretrained=pretrained)
         self.backbone_compiled = False
         if channels_last:
             self.model.to(memory_format=torch.channels_last)  # 4-D weights only; values and keys unchanged
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        accuracy = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        accuracy = {"acc": torchmetrics.classification.MulticlassAccuracy(num_classes, top_k=1, average="micro")}
         if num_classes > 5:
-            accuracy["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-        metrics = MetricCollection(accuracy)
-        self.train_metrics = metrics.clone(prefix="train/")
-        self.val_metrics = metrics.clone(prefix="val/")
+            accuracy["acc_top5"] = torchmetrics.classification.MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        metrics = torchmetrics.MetricCollection(accuracy)
+        self.train_metrics, self.val_metrics = metrics.clone(prefix="train/"), metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
     @property
@@ -113,10 +104,7 @@ class ImageClassifier(L.LightningModule):
         return list(self.hparams.class_names)
 
     def configure_model(self) -> None:
-        # Module.compile() compiles the call in place: parameters and state_dict keys stay those of the
-        # plain backbone (torch.compile(module) would prefix them with `_orig_mod.`), so checkpoints load
-        # with or without --compile
-        # (configure_model runs again for test and predict: compile once)
+        # runs again for test and predict; in place, so keys get no `_orig_mod.` prefix: checkpoints load either way
         if self.hparams.get("compile") and not self.backbone_compiled:
             self.model.compile()
             self.backbone_compiled = True
@@ -130,30 +118,24 @@ class ImageClassifier(L.LightningModule):
         images, labels, *mixed = batch  # mixed: a MixUp / CutMix training batch's (B, C) soft targets
         logits = self(images)
         loss = self.criterion(logits, mixed[0] if mixed else labels)
-        metrics = getattr(self, f"{stage}_metrics")
-        training = stage == "train"
-        # accumulate on the device; accuracy is computed once per epoch (a per-step batch value would cost
-        # a second computation and more logging every step, for a noisy curve the loss already shows).
-        # train/acc counts the un-mixed labels: the class each image mostly shows
-        metrics.update(logits, labels)
-        # one curve per name: train/loss per step, val/loss and test/loss per epoch (no _step/_epoch suffixes).
-        # Not prog_bar per step: Lightning would read it back to the host after every step (a GPU sync);
-        # train.py's progress bar reads it at each refresh instead.
+        # accumulated on the device, computed per epoch: per-step values cost compute and logging for a noisy curve
+        getattr(self, f"{stage}_metrics").update(logits, labels)  # the un-mixed labels: each image's main class
+        # one curve per name (no _step/_epoch suffixes); no prog_bar per step: it would cost a GPU sync every step
+        epoch = stage != "train"
         self.log(
             f"{stage}/loss",
             loss,
-            on_step=training,
-            on_epoch=not training,
-            prog_bar=not training,
-            batch_size=labels.shape[0],
-            sync_dist=not training,
+            on_step=not epoch,
+            on_epoch=epoch,
+            prog_bar=epoch,
+            sync_dist=epoch,
+            batch_size=len(labels),
         )
         return loss
 
     def _log_epoch_metrics(self, stage: str) -> None:
-        # computed and logged once per epoch: handing the metric objects to `self.log_dict` every step costs
-        # Lightning's bookkeeping on each step, the largest part of its per-step overhead (see docs/performance.md).
-        # compute() already gathers the counts of every DDP process; sync_dist only keeps Lightning quiet.
+        # once per epoch: metric objects in `self.log_dict` every step cost the largest part of Lightning's per-step
+        # overhead (docs/performance.md). compute() already gathers all DDP processes; sync_dist only keeps it quiet
         metrics = getattr(self, f"{stage}_metrics")
         self.log_dict(metrics.compute(), prog_bar=stage != "train", sync_dist=stage != "train")
         metrics.reset()
@@ -177,8 +159,7 @@ class ImageClassifier(L.LightningModule):
         self._log_epoch_metrics("test")
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images = batch[0]
-        return torch.softmax(self(images).float(), dim=1)  # (B, num_classes) probabilities
+        return torch.softmax(self(batch[0]).float(), dim=1)  # (B, num_classes) probabilities
 
     def configure_optimizers(self):
         trainable = [p for p in self.parameters() if p.requires_grad]  # frozen layers stay out
@@ -187,11 +168,8 @@ class ImageClassifier(L.LightningModule):
             optimizer = torch.optim.SGD(groups, lr=self.hparams.lr, momentum=self.hparams.momentum, nesterov=True)
         else:
             optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr)
-
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        warmup = min(total, int(round(self.hparams.warmup_epochs * total / epochs)))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, max(1, warmup), total)
-        )
+        epochs = max(1, self.trainer.max_epochs or 1)  # -1 or None: no epoch limit
+        warmup = max(1, min(total, int(round(self.hparams.warmup_epochs * total / epochs))))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
