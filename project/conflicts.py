@@ -1,11 +1,7 @@
-"""The one table of flag combinations that cannot work, checked before any work starts.
-
-`ImageDataModule` checks its own settings against it when it is built; `scripts/train.py` checks every flag
-against it, with the facts a flag alone does not say: `streaming` (data_dir is a streaming dataset), `url`
-(an s3:// or gs:// one), `own_datasets` (the DataModule brings its own datasets) and `cuda` (a CUDA GPU is in
-use). A row whose flags are not all given is skipped. A flag that would do nothing for the chosen data is
-refused, never ignored.
-"""
+"""The one table of flag combinations that cannot work, checked by `ImageDataModule` when built and by train.py
+before any work, with facts no flag says: `streaming` (data_dir is a streaming dataset), `url` (an s3:// or gs://
+one), `own_datasets` (the DataModule brings its own datasets), `cuda` (a CUDA GPU is in use). A flag that would do
+nothing for the chosen data is refused, never ignored; a row whose flags a caller does not have is skipped."""
 
 from __future__ import annotations
 

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import lightning as L
-import torch
-from jsonargparse.typing import NonNegativeInt
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -20,47 +17,15 @@ from project.callbacks import build_callbacks, early_stop_line
 from project.feed.cache_builder import open_cache
 from project.feed.throughput import auto_num_workers
 from project.models import ImageClassifier
-from project.models.classifier import Fraction
 from project.runtime import flags
 from project.runtime.bad_images import skip_bad_images
 from project.runtime.checkpoints import LOGS, AtomicCheckpointIO, check_resumable, model_checkpoint, resolve_ckpt_path
 from project.runtime.console import configure_console, print_summary
 from project.runtime.faults import clear_failures, end_run
-from project.runtime.flags import DEFAULT_DATAMODULE, TrainerOptions, UsageError, kwargs_for
+from project.runtime.flags import RunOptions, TrainerOptions, UsageError, kwargs_for
 from project.tools.streaming_reader import StreamingReader
 
-Precision = Literal["auto", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "64-true", "64"]
-PRECISIONS = get_args(Precision)
 PROFILERS = {"simple": SimpleProfiler, "advanced": AdvancedProfiler, "pytorch": PyTorchProfiler}
-
-
-@dataclass
-class RunOptions:
-    """What a run does besides the data, the model and the Trainer.
-
-    Args:
-        datamodule: the DataModule class, as module.Class importable from the working directory (e.g. your
-            ImageDataModule subclass); its own constructor parameters become flags too
-        precision: Lightning's precision; auto: bf16-mixed on GPUs that support it, else 32-true
-        profiler: Lightning's profiler, its report written into the run folder
-        ckpt_path: resume from a checkpoint file, or last: the newest checkpoint of the newest run
-        feed_monitor: measure the data wait of every step and say whether data or model is the bottleneck
-        freeze_backbone: train only the classification head; the feature extractor is frozen
-        unfreeze_at_epoch: with freeze_backbone: unfreeze the feature extractor at this epoch (0-based)
-        ema_decay: keep a moving average of the weights, this decay per step (below 1, e.g. 0.999), for
-            validation, checkpoints, test, predict and export (0: off)
-        early_stopping_patience: stop when val/acc has not improved for this many epochs (0: off)
-    """
-
-    datamodule: str = DEFAULT_DATAMODULE
-    precision: Precision = "auto"
-    profiler: Literal["none", "simple", "advanced", "pytorch"] = "none"
-    ckpt_path: str | None = None
-    feed_monitor: bool = True
-    freeze_backbone: bool = False
-    unfreeze_at_epoch: NonNegativeInt | None = None
-    ema_decay: Fraction = 0.0
-    early_stopping_patience: NonNegativeInt = 0
 
 
 # the extras' parts the DataModule's flags need (the names: project.data.datamodule.HANDED_OVER)
@@ -73,14 +38,6 @@ def parse_train_flags(argv: Sequence[str]) -> dict[str, Any]:
     """train.py's flags (the DataModule's, ImageClassifier's, RunOptions' and TrainerOptions') as a flat dict;
     exits 2 with one line on a flag that is refused."""
     return flags.parse_train_flags(argv, FLAGS)
-
-
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """`auto`: bf16 mixed precision where the GPU supports it (no loss scaling needed), else full fp32."""
-    if precision != "auto":
-        return precision
-    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
 
 
 def build_datamodule(values: dict[str, Any]) -> L.LightningDataModule:
@@ -104,7 +61,7 @@ def build_trainer(values: dict[str, Any], callbacks: list[Callback]) -> L.Traine
     try:
         return L.Trainer(
             **kwargs,
-            precision=resolve_precision(values["precision"], values["accelerator"]),
+            precision=flags.resolve_precision(values["precision"], values["accelerator"]),
             profiler=profiler,
             logger=TensorBoardLogger(save_dir=values["default_root_dir"], name=LOGS, default_hp_metric=False),
             callbacks=callbacks,

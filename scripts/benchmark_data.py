@@ -21,8 +21,16 @@ from project.callbacks import build_callbacks  # noqa: E402
 from project.feed.benchmark import SECTIONS, BenchmarkConfig, run_benchmark  # noqa: E402
 from project.runtime.checkpoints import LOGS  # noqa: E402
 from project.runtime.console import configure_console  # noqa: E402
-from project.runtime.flags import ACCELERATORS, Parser, UsageError, check_accelerator, positive_int  # noqa: E402
-from project.training import PRECISIONS, parse_train_flags, resolve_precision  # noqa: E402
+from project.runtime.flags import (  # noqa: E402
+    ACCELERATORS,
+    PRECISIONS,
+    Parser,
+    UsageError,
+    check_accelerator,
+    positive_int,
+    resolve_precision,
+)
+from project.training import parse_train_flags  # noqa: E402
 
 
 def int_list(text: str) -> list[int]:

@@ -131,6 +131,6 @@ def test_a_flag_needing_an_extra_that_was_not_handed_over_is_refused(tiny_shapes
         "open_cache": ({"data_dir": tiny_shapes, "cache": True}, open_cache, DecodedCacheSource),
         "bad_image_skipper": ({"data_dir": tiny_shapes, "skip_bad_images": True}, skip_bad_images, ImageFolderSource),
     }[flag]
-    with pytest.raises(ValueError, match=f"give the DataModule {flag}=project"):
+    with pytest.raises(ValueError, match=f"give the DataModule {flag}=.*project.training.HANDED_OVER"):
         ImageDataModule(**settings)
     assert type(ImageDataModule(**settings, **{flag: handed}).source) is source

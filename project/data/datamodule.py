@@ -1,9 +1,6 @@
-"""`ImageDataModule`: everything about data for a run, from files to normalized batches on the device.
-
-It picks where the data comes from (one source, `project.data.sources`), owns the datasets (train / val /
-test), the DataLoaders with every setting people tune, and the batch work done on the device after
-transfer (`on_after_batch_transfer`).
-"""
+"""`ImageDataModule`: everything about data for a run, from files to normalized batches on the device: where the
+data comes from (one source, `project.data.sources`), the datasets of each split, the DataLoaders with every
+setting people tune, and the batch work done on the device after transfer (`on_after_batch_transfer`)."""
 
 from __future__ import annotations
 
@@ -35,12 +32,9 @@ from project.data.builtin import generate_shapes
 from project.data.streaming import is_streaming_source, is_url
 from project.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform
 
-# the extras' parts the data flags need, which the training run hands over (the core imports no extras)
-HANDED_OVER = {
-    "open_stream": "project.tools.streaming_reader.StreamingReader",
-    "open_cache": "project.feed.cache_builder.open_cache",
-    "bad_image_skipper": "project.runtime.bad_images.skip_bad_images",
-}
+# the extras' parts some flags need, which the training run hands over (project.training.HANDED_OVER): the core
+# imports no extras
+HANDED_OVER = ("open_stream", "open_cache", "bad_image_skipper")
 BUILTIN_DIR = "data/shapes"  # relative to the working directory, like lightning_logs/
 Sampler = Literal["random", "balanced"]
 AugmentOn = Literal["auto", "cpu", "device"]
@@ -50,8 +44,7 @@ Seed = restricted_number_type("Seed", int, [(">=", 0), ("<=", 2**32 - 1)])
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Image data for training and evaluation: an image folder, its decoded cache, a streaming
-    dataset written by scripts/optimize_data.py, or your own datasets (override `datasets`).
+    """Image data: an image folder, its decoded cache, a streaming dataset, or your own datasets (`datasets`).
 
     Every parameter is also a flag of `scripts/train.py` (same name, its type, default and the line below as
     help), and is kept in `self.hparams`. Flags that cannot work together are refused when it is built
@@ -63,9 +56,8 @@ class ImageDataModule(L.LightningDataModule):
     files skipped so far; it only grows), `train_set`, `val_set`, `test_set`, `device_transform`.
 
     Args:
-        data_dir: data_dir/train/<class>/* with optional val/ and test/ beside it (a folder of class folders alone is
-            used as train/), or a streaming dataset written by optimize_data.py (its folder, or an s3:// / gs://
-            URL); None: the built-in shapes dataset
+        data_dir: data_dir/train/<class>/* with optional val/ and test/ (or class folders alone), or a streaming
+            dataset written by optimize_data.py (its folder, or an s3:// / gs:// URL); None: the built-in shapes
         image_size: side in pixels of the square images the model sees (shorter side resized, centre crop)
         batch_size: images per batch (per device)
         num_workers: DataLoader worker processes, or auto: the training run measures a short sweep and picks the count
@@ -73,12 +65,9 @@ class ImageDataModule(L.LightningDataModule):
         shuffle: shuffle the training data every epoch
         sampler: random (plain shuffle) or balanced (class-balanced weighted sampling with replacement)
         collate_fn: the DataLoaders' collate function (None: PyTorch's default)
-        open_stream: opens a streaming dataset (when data_dir is one; scripts/train.py gives
-            project.tools.streaming_reader.StreamingReader)
-        open_cache: reads a split's decoded cache, built when missing or stale (with cache; scripts/train.py gives
-            project.feed.cache_builder.open_cache)
-        bad_image_skipper: wraps a dataset and its collate function to skip and report unreadable images (with
-            skip_bad_images; scripts/train.py gives project.runtime.bad_images.skip_bad_images)
+        open_stream: opens a streaming data_dir (one of the extras' parts listed in HANDED_OVER, which train.py gives)
+        open_cache: with cache: a split's decoded cache, built when missing or stale (HANDED_OVER)
+        bad_image_skipper: with skip_bad_images: wraps a dataset and its collate function (HANDED_OVER)
         pin_memory: page-locked batches for faster copies to the GPU; None: on when training on a CUDA device
         persistent_workers: keep the worker processes alive between epochs
         prefetch_factor: batches each worker loads ahead (None: PyTorch's default, 2)
@@ -90,8 +79,7 @@ class ImageDataModule(L.LightningDataModule):
             (RandAugment) or augmix
         random_erase: probability of erasing a random rectangle of each training image (in the workers)
         mixup_alpha: MixUp on the device, training batches only, Beta(alpha, alpha) mixing; 0: off
-        cutmix_alpha: CutMix on the device, training batches only; 0: off (with mixup_alpha too: one of the two per
-            batch, at random)
+        cutmix_alpha: CutMix on the device, training batches only; 0: off (with mixup_alpha: one of them per batch)
         decode_on: where JPEGs are decoded: cpu (workers, at reduced DCT scale) or device (workers only read the
             bytes; each batch is decoded with nvJPEG on the GPU, then resized and augmented there)
         cache: decode and resize every image once into a uint8 store at image_size; later epochs and runs read memory
@@ -103,8 +91,7 @@ class ImageDataModule(L.LightningDataModule):
         channels_last: hand the model NHWC-strided batches (faster convolutions on tensor-core GPUs)
         val_fraction: share of train/ held out (stratified, seeded) when there is no val/
         seed: seeds the validation split and order, the balanced sampler and (for a run) torch, numpy and the workers
-        skip_bad_images: replace unreadable (corrupt, truncated) images by the next readable one, count and report them;
-            default: stop with an error naming the file
+        skip_bad_images: replace unreadable images by the next readable one, count and report them (default: stop)
         max_bad_fraction: with skip_bad_images: stop once more than this share of the images is unreadable
         loader_timeout: seconds a DataLoader worker may spend on one batch before the run stops (0: no limit)
         mean: per-channel normalization mean, applied on the device
@@ -170,9 +157,8 @@ class ImageDataModule(L.LightningDataModule):
         if message := conflict({**self.hparams, **facts, "own_datasets": self.brings_own_datasets}):
             raise ValueError(message)
         wanted = {"open_stream": streaming, "open_cache": cache, "bad_image_skipper": skip_bad_images}
-        for name, path in HANDED_OVER.items():
-            if wanted[name] and getattr(self, name) is None:
-                raise ValueError(f"{name} is needed here: give the DataModule {name}={path}, as scripts/train.py does")
+        if missing := [name for name in HANDED_OVER if wanted[name] and getattr(self, name) is None]:
+            raise ValueError(f"give the DataModule {missing[0]}=..., as train.py does: project.training.HANDED_OVER")
         self.num_workers: int = num_workers
         self.source = self.make_source(streaming)
         self.augment_on: str | None = None

@@ -1,8 +1,5 @@
-"""`ImageFolderDataset`: one labelled image at a time from a `root/<class>/...` folder.
-
-A `Dataset` knows one sample; batching, workers, sampling and collation belong to the DataLoader
-that `ImageDataModule` builds.
-"""
+"""`ImageFolderDataset`: one labelled image at a time from a `root/<class>/...` folder. A `Dataset` knows one
+sample; batching, workers, sampling and collation belong to the DataLoader that `ImageDataModule` builds."""
 
 from __future__ import annotations
 
@@ -48,11 +45,8 @@ def find_classes(root: str | os.PathLike) -> list[str]:
 
 
 class SampleList(Sequence):
-    """`(path, class_index)` pairs stored in two numpy arrays.
-
-    A Python list of tuples is copied page by page into every forked worker as soon as the workers
-    touch it (reference counts are writes); one bytes buffer plus offsets is shared for free.
-    """
+    """`(path, class_index)` pairs in numpy arrays: a list of tuples is copied page by page into every forked
+    worker as soon as it touches it (reference counts are writes); one bytes buffer plus offsets is shared free."""
 
     def __init__(self, paths: Sequence[str], targets: Sequence[int]) -> None:
         encoded = [os.fsencode(p) for p in paths]
@@ -86,10 +80,7 @@ def is_image_file(name: str) -> bool:
 
 def walk_files(folder: str | os.PathLike) -> Iterator[str]:
     """Every file under `folder`, hidden folders pruned, in torchvision's order (folders sorted, then files).
-
-    The walk is collected before sorting: `sorted(os.walk(...))` would run the whole walk before the
-    pruning of `dirnames` could take effect.
-    """
+    Collected, then sorted: `sorted(os.walk(...))` would walk everything before `dirnames` is pruned."""
     walked = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = [d for d in dirnames if not is_hidden(d)]

@@ -1,12 +1,11 @@
 """Streaming data (litdata): an image folder written once as chunks of JPEG samples (scripts/optimize_data.py),
-then streamed by every training process from a local folder or object storage (s3://, gs://), so the data can
-outgrow one disk.
+streamed by every training process from a folder or object storage (s3://, gs://): data past one disk.
 
-Layout: OUT/train, OUT/val, OUT/test, each a litdata optimized dataset of `{"image": JPEG bytes, "label": class
-index}`, and OUT/classes.json (class names, stored image size, samples per split), written last, so its
-presence means every split is complete; OUT/optimize_data.json, written first, records the command that
-writes it, so a half-written OUT is refused with the command that completes it. The writer and the reader are
-`project.tools.streaming_writer` and `project.tools.streaming_reader`.
+Layout: OUT/train, OUT/val, OUT/test, each a litdata dataset of `{"image": JPEG bytes, "label": class index}`;
+OUT/classes.json (class names, stored image size, samples per split), written last, so its presence means every
+split is complete; OUT/optimize_data.json, written first, holds the command that writes it, so a half-written OUT
+is refused with the command that completes it. Written by `project.tools.streaming_writer`, read by
+`project.tools.streaming_reader`.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from project.data import ImageDataModule
 from project.data.datamodule import HANDED_OVER
 from project.data.streaming import METADATA, RECORD, is_streaming_source, is_url, join
 from project.models.backbones import check_backbone
+from project.models.classifier import Fraction
 
 
 class UsageError(Exception):
@@ -134,8 +135,47 @@ def parse_flags(parser: FlagParser, argv: Sequence[str]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- train.py
+DEFAULT_DATAMODULE = "project.data.ImageDataModule"
 Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"]
-ACCELERATORS = get_args(Accelerator)
+Precision = Literal["auto", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "64-true", "64"]
+ACCELERATORS, PRECISIONS = get_args(Accelerator), get_args(Precision)
+
+
+@dataclass
+class RunOptions:
+    """What a run does besides the data, the model and the Trainer.
+
+    Args:
+        datamodule: the DataModule class, as module.Class importable from the working directory (e.g. your
+            ImageDataModule subclass); its own constructor parameters become flags too
+        precision: Lightning's precision; auto: bf16-mixed on GPUs that support it, else 32-true
+        profiler: Lightning's profiler, its report written into the run folder
+        ckpt_path: resume from a checkpoint file, or last: the newest checkpoint of the newest run
+        feed_monitor: measure the data wait of every step and say whether data or model is the bottleneck
+        freeze_backbone: train only the classification head; the feature extractor is frozen
+        unfreeze_at_epoch: with freeze_backbone: unfreeze the feature extractor at this epoch (0-based)
+        ema_decay: keep a moving average of the weights, this decay per step (below 1, e.g. 0.999), for
+            validation, checkpoints, test, predict and export (0: off)
+        early_stopping_patience: stop when val/acc has not improved for this many epochs (0: off)
+    """
+
+    datamodule: str = DEFAULT_DATAMODULE
+    precision: Precision = "auto"
+    profiler: Literal["none", "simple", "advanced", "pytorch"] = "none"
+    ckpt_path: str | None = None
+    feed_monitor: bool = True
+    freeze_backbone: bool = False
+    unfreeze_at_epoch: NonNegativeInt | None = None
+    ema_decay: Fraction = 0.0
+    early_stopping_patience: NonNegativeInt = 0
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """`auto`: bf16 mixed precision where the GPU supports it (no loss scaling needed), else full fp32."""
+    if precision != "auto":
+        return precision
+    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
 
 
 @dataclass
@@ -178,7 +218,6 @@ class TrainerOptions:
     gradient_clip_val: NonNegativeFloat | None = None
 
 
-DEFAULT_DATAMODULE = "project.data.ImageDataModule"
 NOT_FLAGS = {"collate_fn", *HANDED_OVER, "mean", "std"}  # callables, and the data's statistics
 
 
