@@ -15,6 +15,7 @@ from lightning.pytorch.profilers import AdvancedProfiler, PyTorchProfiler, Simpl
 
 from project.callbacks import build_callbacks, early_stop_line
 from project.feed.cache_builder import open_cache
+from project.feed.device_decode import DecodeBatch
 from project.feed.throughput import auto_num_workers
 from project.models import ImageClassifier
 from project.runtime import flags
@@ -29,7 +30,9 @@ PROFILERS = {"simple": SimpleProfiler, "advanced": AdvancedProfiler, "pytorch": 
 
 
 # the extras' parts the DataModule's flags need (the names: project.data.datamodule.HANDED_OVER)
-HANDED_OVER = {"open_stream": StreamingReader, "open_cache": open_cache, "bad_image_skipper": skip_bad_images}
+HANDED_OVER = dict(
+    open_stream=StreamingReader, open_cache=open_cache, decode_jpegs=DecodeBatch, bad_image_skipper=skip_bad_images
+)
 FROM_DATA = {"num_classes", "class_names", "image_size", "mean", "std"}  # set from the data, not from flags
 FLAGS = {ImageClassifier: FROM_DATA, RunOptions: set(), TrainerOptions: set()}  # besides the DataModule's
 

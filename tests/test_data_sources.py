@@ -13,6 +13,7 @@ import torch
 from project.conflicts import CONFLICTS, conflict
 from project.data import DecodedCacheSource, EncodedJpegSource, ImageDataModule, ImageFolderSource, StreamingSource
 from project.feed.cache_builder import open_cache
+from project.feed.device_decode import DecodeBatch
 from project.runtime.bad_images import skip_bad_images
 from project.tools.streaming_reader import StreamingReader
 from tests.conftest import ROOT, load_script, train_exit_code
@@ -76,7 +77,7 @@ def test_the_datamodule_refuses_the_same_table_when_built_from_python(tiny_shape
 
 def test_the_flags_pick_one_source(tiny_shapes, tmp_path):
     assert type(ImageDataModule(tiny_shapes).source) is ImageFolderSource
-    assert type(ImageDataModule(tiny_shapes, decode_on="device").source) is EncodedJpegSource
+    assert type(ImageDataModule(tiny_shapes, decode_on="device", decode_jpegs=DecodeBatch).source) is EncodedJpegSource
     cached = ImageDataModule(tiny_shapes, cache=True, cache_dir=str(tmp_path), open_cache=open_cache).source
     assert type(cached) is DecodedCacheSource and type(cached.base) is ImageFolderSource
 
@@ -123,12 +124,13 @@ def test_the_one_loader_function_gives_a_streaming_source_every_setting(tiny_sha
     assert dm.train_set is not first, "streaming splits must be rebuilt in each setup: the process count is read then"
 
 
-@pytest.mark.parametrize("flag", ["open_stream", "open_cache", "bad_image_skipper"])
+@pytest.mark.parametrize("flag", ["open_stream", "open_cache", "decode_jpegs", "bad_image_skipper"])
 def test_a_flag_needing_an_extra_that_was_not_handed_over_is_refused(tiny_shapes, stream, flag):
     """The core imports no extras: a DataModule built from Python without the part a flag needs says which."""
     settings, handed, source = {
         "open_stream": ({"data_dir": stream}, StreamingReader, StreamingSource),
         "open_cache": ({"data_dir": tiny_shapes, "cache": True}, open_cache, DecodedCacheSource),
+        "decode_jpegs": ({"data_dir": tiny_shapes, "decode_on": "device"}, DecodeBatch, EncodedJpegSource),
         "bad_image_skipper": ({"data_dir": tiny_shapes, "skip_bad_images": True}, skip_bad_images, ImageFolderSource),
     }[flag]
     with pytest.raises(ValueError, match=f"give the DataModule {flag}=.*project.training.HANDED_OVER"):

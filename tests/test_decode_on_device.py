@@ -16,9 +16,10 @@ from torch.utils.data import DataLoader
 from torchvision.io import decode_jpeg
 
 from project.data import ImageDataModule
-from project.data.encoded import DecodeBatch, EncodedImageFolder, collate_encoded
+from project.data.encoded import EncodedImageFolder, collate_encoded
 from project.data.folder import ImageFolderDataset, load_image
 from project.data.transforms import eval_transform
+from project.feed.device_decode import DecodeBatch
 from project.models import ImageClassifier
 from tests.conftest import write_image
 
@@ -83,7 +84,9 @@ def test_a_training_run_decodes_on_the_device_side_of_the_loader(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.append(batch[0])
 
-    datamodule = ImageDataModule(data, image_size=32, batch_size=4, num_workers=1, decode_on="device", rotation=20)
+    datamodule = ImageDataModule(
+        data, image_size=32, batch_size=4, num_workers=1, decode_on="device", rotation=20, decode_jpegs=DecodeBatch
+    )
     model = ImageClassifier(num_classes=2, image_size=32)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -103,7 +106,9 @@ def test_a_training_run_decodes_on_the_device_side_of_the_loader(tmp_path):
 def test_splits_held_out_of_train_still_hand_over_bytes(tmp_path):
     """Without val/, the validation split is cut from train/: both halves keep reading JPEG bytes."""
     mixed_folder(tmp_path / "train", size=(96, 72))
-    datamodule = ImageDataModule(tmp_path, image_size=32, num_workers=0, decode_on="device", val_fraction=0.5)
+    datamodule = ImageDataModule(
+        tmp_path, image_size=32, num_workers=0, decode_on="device", val_fraction=0.5, decode_jpegs=DecodeBatch
+    )
     datamodule.setup("fit")
     for dataset in (datamodule.train_set, datamodule.val_set):
         assert isinstance(dataset, EncodedImageFolder)

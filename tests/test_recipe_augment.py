@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from project.data import ImageDataModule
+from project.feed.device_decode import DecodeBatch
 from project.models import ImageClassifier
 from tests.conftest import write_image
 
@@ -111,7 +112,13 @@ def test_mixing_follows_device_decoding(tmp_path):
         for i in range(4):
             write_image(tmp_path / "data" / label / f"{i}.jpg", size=(40, 40), seed=i + (10 if label == "b" else 0))
     dm = ImageDataModule(
-        tmp_path / "data", image_size=32, batch_size=8, num_workers=0, decode_on="device", mixup_alpha=1.0
+        tmp_path / "data",
+        image_size=32,
+        batch_size=8,
+        num_workers=0,
+        decode_on="device",
+        mixup_alpha=1.0,
+        decode_jpegs=DecodeBatch,
     )
     dm.trainer = FakeTrainer(training=True)
     dm.setup("fit")

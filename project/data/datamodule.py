@@ -34,7 +34,7 @@ from project.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform
 
 # the extras' parts some flags need, which the training run hands over (project.training.HANDED_OVER): the core
 # imports no extras
-HANDED_OVER = ("open_stream", "open_cache", "bad_image_skipper")
+HANDED_OVER = ("open_stream", "open_cache", "decode_jpegs", "bad_image_skipper")
 BUILTIN_DIR = "data/shapes"  # relative to the working directory, like lightning_logs/
 Sampler = Literal["random", "balanced"]
 AugmentOn = Literal["auto", "cpu", "device"]
@@ -67,6 +67,7 @@ class ImageDataModule(L.LightningDataModule):
         collate_fn: the DataLoaders' collate function (None: PyTorch's default)
         open_stream: opens a streaming data_dir (one of the extras' parts listed in HANDED_OVER, which train.py gives)
         open_cache: with cache: a split's decoded cache, built when missing or stale (HANDED_OVER)
+        decode_jpegs: with decode_on device: makes the batch decoder for an image size (HANDED_OVER)
         bad_image_skipper: with skip_bad_images: wraps a dataset and its collate function (HANDED_OVER)
         pin_memory: page-locked batches for faster copies to the GPU; None: on when training on a CUDA device
         persistent_workers: keep the worker processes alive between epochs
@@ -111,6 +112,7 @@ class ImageDataModule(L.LightningDataModule):
         collate_fn: Callable | None = None,
         open_stream: Callable | None = None,
         open_cache: Callable | None = None,
+        decode_jpegs: Callable | None = None,
         bad_image_skipper: Callable | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
@@ -145,10 +147,10 @@ class ImageDataModule(L.LightningDataModule):
         cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         builtin_dir = os.fspath(builtin_dir)
         mean, std = [float(m) for m in mean], [float(s) for s in std]
-        self.save_hyperparameters(ignore=["collate_fn", "open_stream", "open_cache", "bad_image_skipper"])
+        self.save_hyperparameters(ignore=["collate_fn", *HANDED_OVER])
         # callables (the extras' ones handed over by the training run), not hyperparameters
-        self.collate_fn, self.open_stream = collate_fn, open_stream
-        self.open_cache, self.bad_image_skipper = open_cache, bad_image_skipper
+        self.collate_fn, self.open_stream, self.open_cache = collate_fn, open_stream, open_cache
+        self.decode_jpegs, self.bad_image_skipper = decode_jpegs, bad_image_skipper
 
         self.data_dir = Path(data_dir) if data_dir is not None else Path(builtin_dir)
         self.is_builtin = data_dir is None
@@ -157,6 +159,7 @@ class ImageDataModule(L.LightningDataModule):
         if message := conflict({**self.hparams, **facts, "own_datasets": self.brings_own_datasets}):
             raise ValueError(message)
         wanted = {"open_stream": streaming, "open_cache": cache, "bad_image_skipper": skip_bad_images}
+        wanted["decode_jpegs"] = decode_on == "device"
         if missing := [name for name in HANDED_OVER if wanted[name] and getattr(self, name) is None]:
             raise ValueError(f"give the DataModule {missing[0]}=..., as train.py does: project.training.HANDED_OVER")
         self.num_workers: int = num_workers
@@ -192,7 +195,8 @@ class ImageDataModule(L.LightningDataModule):
         if self.brings_own_datasets:
             source: sources.DataSource = sources.OwnDatasetsSource(self.datasets, h.val_fraction, h.seed)
         elif h.decode_on == "device":
-            return sources.EncodedJpegSource(self.data_dir, h.image_size, h.val_fraction, h.seed)
+            decode = self.decode_jpegs(h.image_size)
+            return sources.EncodedJpegSource(self.data_dir, h.image_size, h.val_fraction, h.seed, decode)
         else:
             source = sources.ImageFolderSource(self.data_dir, h.image_size, h.val_fraction, h.seed)
         if h.cache:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from project.data.encoded import DecodeBatch, EncodedImageFolder, collate_encoded
+from project.data.encoded import EncodedImageFolder, collate_encoded
 from project.data.folder import IMG_EXTENSIONS, ImageFolderDataset, find_classes
 
 
@@ -156,9 +156,9 @@ class EncodedJpegSource(ImageFolderSource):
     decodes_on_device = True
     collate_fn = staticmethod(collate_encoded)  # byte strings of different lengths: a list
 
-    def __init__(self, root: Path, image_size: int, val_fraction: float, seed: int) -> None:
+    def __init__(self, root: Path, image_size: int, val_fraction: float, seed: int, decode: Callable) -> None:
         super().__init__(root, image_size, val_fraction, seed)
-        self.decode = DecodeBatch(image_size)
+        self.decode = decode  # a batch of bytes and decoded images, a device -> (B, 3, S, S) uint8 on it
 
     def datasets(self, transforms: Transforms) -> dict[str, Dataset]:
         return super().datasets(dataclasses.replace(transforms, train=transforms.eval))  # augmented on the device
