@@ -75,11 +75,8 @@ def build_trainer(values: dict[str, Any], callbacks: list[Callback]) -> L.Traine
 
 
 def train(values: dict[str, Any]) -> dict[str, Any]:
-    """Fit, validate every epoch, test the best checkpoint when there is a test split; print a summary.
-
-    `values` are train.py's flags (`parse_train_flags`). Returns the figures of the summary:
-    best_val_acc, test_acc, best_checkpoint, last_checkpoint, log_dir, stopped_early.
-    """
+    """Fit on train.py's flags (`parse_train_flags`), validating every epoch; test the best checkpoint when there is
+    a test split; print and return the summary's figures (best_val_acc, test_acc, checkpoints, log_dir, ...)."""
     configure_console()
     ckpt_path = resolve_ckpt_path(values["ckpt_path"], values["default_root_dir"])
     if values["ckpt_path"] == "last":

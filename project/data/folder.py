@@ -146,16 +146,10 @@ def load_image(path: str | IO[bytes], min_size: int | None = None, name: str | N
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """Images under `root/<class_name>/**` with the class index as label, like torchvision's `ImageFolder`.
-
-    Args:
-        root: folder with one sub-folder per class; files are found recursively.
-        transform: applied to the decoded RGB PIL image.
-        classes: the class list to enforce (a val/test split must have exactly train's classes).
-        decode_min_size: decode JPEGs at reduced scale, never below this size (see `load_image`).
-
-    An unreadable file raises `BadImageError` naming it (`--skip_bad_images`: `project.runtime.bad_images`).
-    """
+    """Images under `root/<class_name>/**` (found recursively) with the class index as label, like torchvision's
+    `ImageFolder`. `transform` gets the decoded RGB PIL image; `classes` is the class list a val/test split must
+    have (train's); JPEGs are decoded at reduced scale, never below `decode_min_size` (`load_image`). An unreadable
+    file raises `BadImageError` naming it (`--skip_bad_images`: `project.runtime.bad_images`)."""
 
     def __init__(
         self,

@@ -28,10 +28,8 @@ class Transforms:
 
 
 def stratified_split(targets: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split of sample indices keeping each class's share: (train_indices, val_indices).
-
-    Every class with at least two samples gets at least one validation sample.
-    """
+    """Seeded split of sample indices keeping each class's share: (train_indices, val_indices). Every class with
+    at least two samples gets at least one validation sample."""
     rng = np.random.default_rng(seed)
     train, val = [], []
     for label in np.unique(targets):
@@ -57,7 +55,8 @@ class Subset(torch.utils.data.Subset):
 
 
 class DataSource:
-    """One way data reaches the loaders; see the module's docstring for the five there are."""
+    """One way data reaches the loaders: `ImageFolderSource`, `EncodedJpegSource`, `DecodedCacheSource`,
+    `StreamingSource` or `OwnDatasetsSource`."""
 
     name = "data"
     decodes_on_device = False  # batches arrive encoded, so augmentation runs on the device too
@@ -194,13 +193,9 @@ class DecodedCacheSource(DataSource):
 class StreamingSource(DataSource):
     """A streaming dataset written by scripts/optimize_data.py (a folder, or an s3:// / gs:// URL), read through
     `stream` (a `project.tools.streaming_reader.StreamingReader`: the metadata, the splits, the resumable loader).
-
-    Under DDP each training epoch deals every rank floor(N / (ranks * batch_size)) full batches of distinct
-    samples; the other N mod (ranks * batch_size) samples sit that epoch out (litdata's drop_last, which DDP
-    needs: every rank must step as often). Which ones follows the chunk order, reshuffled every epoch.
-    Validation and test see every sample once. The training loader's position is saved in checkpoints, so a
-    run stopped mid-epoch resumes where it stopped.
-    """
+    Under DDP each training epoch deals every rank floor(N / (ranks * batch_size)) full batches of distinct samples;
+    the other N mod (ranks * batch_size) sit that epoch out (which ones follows the chunk order, reshuffled every
+    epoch). Validation and test see every sample once. A run stopped mid-epoch resumes where it stopped."""
 
     name = "streaming"
     stores_decoded = True  # chunks are cached locally by litdata

@@ -135,13 +135,8 @@ def random_rotate_flip(images: torch.Tensor, degrees: float, hflip: bool = True)
 
 
 class DeviceTransform:
-    """Batch work done on the device after transfer: uint8 -> float, optional augmentation, normalize.
-
-    Args:
-        mean, std: per-channel normalization in [0, 1] units.
-        rotation, hflip: on-device random rotation (degrees, 0 = none) and horizontal flip, for training batches only.
-        channels_last: return NHWC-strided batches (faster convolutions with mixed precision on GPUs).
-    """
+    """Batch work done on the device after transfer: uint8 -> float, random `rotation` (degrees) and `hflip` for
+    training batches, normalization by `mean`, `std` ([0, 1] units); NHWC-strided with `channels_last`."""
 
     def __init__(
         self,
