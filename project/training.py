@@ -27,8 +27,6 @@ from project.runtime.flags import RunOptions, TrainerOptions, UsageError, kwargs
 from project.tools.streaming_reader import StreamingReader
 
 PROFILERS = {"simple": SimpleProfiler, "advanced": AdvancedProfiler, "pytorch": PyTorchProfiler}
-
-
 # the extras' parts the DataModule's flags need (the names: project.data.datamodule.HANDED_OVER)
 HANDED_OVER = dict(
     open_stream=StreamingReader, open_cache=open_cache, decode_jpegs=DecodeBatch, bad_image_skipper=skip_bad_images

@@ -10,8 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
+import project.training as training
 from project.conflicts import CONFLICTS, conflict
-from project.data import DecodedCacheSource, EncodedJpegSource, ImageDataModule, ImageFolderSource, StreamingSource
+from project.data import (
+    DecodedCacheSource,
+    EncodedJpegSource,
+    ImageDataModule,
+    ImageFolderSource,
+    StreamingSource,
+    datamodule,
+)
 from project.feed.cache_builder import open_cache
 from project.feed.device_decode import DecodeBatch
 from project.runtime.bad_images import skip_bad_images
@@ -136,3 +144,9 @@ def test_a_flag_needing_an_extra_that_was_not_handed_over_is_refused(tiny_shapes
     with pytest.raises(ValueError, match=f"give the DataModule {flag}=.*project.training.HANDED_OVER"):
         ImageDataModule(**settings)
     assert type(ImageDataModule(**settings, **{flag: handed}).source) is source
+
+
+def test_the_training_run_hands_over_every_part_the_datamodule_names(tiny_shapes):
+    assert set(training.HANDED_OVER) == set(datamodule.HANDED_OVER)
+    dm = ImageDataModule(tiny_shapes, cache=True, **training.HANDED_OVER)
+    assert type(dm.source) is DecodedCacheSource
