@@ -46,8 +46,12 @@ def marked_processes(marker: str) -> list[int]:
 
 
 def leftovers(folder: str | os.PathLike, *patterns: str) -> list[Path]:
-    """The files under `folder` (recursively) whose name matches one of the glob `patterns`."""
-    return sorted({path for pattern in patterns for path in Path(folder).rglob(pattern)})
+    """The files under `folder` (recursively) whose name matches one of the glob `patterns`; none while `folder` is
+    being replaced (a writer that rewrites an unfinished split removes it first: the walk can lose it midway)."""
+    try:
+        return sorted({path for pattern in patterns for path in Path(folder).rglob(pattern)})
+    except FileNotFoundError:
+        return []
 
 
 class Victim:
