@@ -1,1 +1,2 @@
-"""Run-time safety: checkpoint writes and `--ckpt_path last`, interruption / NaN / bad-image handling, console."""
+"""Run-time safety: the command line and its usage errors, checkpoint writes and `--ckpt_path last`, interruption /
+NaN / bad-image handling (`--skip_bad_images`), console."""

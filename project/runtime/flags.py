@@ -5,7 +5,9 @@ the value), its default (shown in `--help`) and its docstring `Args:` line (the 
 base class are followed into it. Yes/no flags take `--cache`, `--no_cache` or `--cache true|false`, every flag
 takes hyphens (`--max-epochs`), `--config FILE` loads flags from YAML and `--print_config` prints them. A usage
 error is one line on stderr naming the flag, exit code 2. `Parser` is plain argparse with the same one-line
-errors, for the small scripts (predict, export, ...).
+errors, for the small scripts (predict, export, ...). train.py's own: `RunOptions` and `TrainerOptions` (the
+flags that are neither the DataModule's nor the model's), `parse_train_flags` and `check_flags`, which refuses what
+no type hint can say (missing paths, unknown backbones, the combinations in `project.conflicts`).
 """
 
 from __future__ import annotations
