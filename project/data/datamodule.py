@@ -158,9 +158,9 @@ class ImageDataModule(L.LightningDataModule):
         facts = {"streaming": streaming, "url": data_dir is not None and is_url(data_dir)}
         if message := conflict({**self.hparams, **facts, "own_datasets": self.brings_own_datasets}):
             raise ValueError(message)
-        wanted = {"open_stream": streaming, "open_cache": cache, "bad_image_skipper": skip_bad_images}
-        wanted["decode_jpegs"] = decode_on == "device"
-        if missing := [name for name in HANDED_OVER if wanted[name] and getattr(self, name) is None]:
+        needs = {"open_stream": streaming, "open_cache": cache, "bad_image_skipper": skip_bad_images}
+        needs["decode_jpegs"] = decode_on == "device"  # which handed-over parts these flags need
+        if missing := [name for name in HANDED_OVER if needs[name] and getattr(self, name) is None]:
             raise ValueError(f"give the DataModule {missing[0]}=..., as train.py does: project.training.HANDED_OVER")
         self.num_workers: int = num_workers
         self.source = self.make_source(streaming)
@@ -200,9 +200,9 @@ class ImageDataModule(L.LightningDataModule):
         else:
             source = sources.ImageFolderSource(self.data_dir, h.image_size, h.val_fraction, h.seed)
         if h.cache:
-            where = {"data_dir": str(self.data_dir), "cache_dir": h.cache_dir, "num_workers": self.num_workers}
+            settings = {"data_dir": str(self.data_dir), "cache_dir": h.cache_dir, "num_workers": self.num_workers}
             source = sources.DecodedCacheSource(
-                source, functools.partial(self.open_cache, image_size=h.image_size, **where)
+                source, functools.partial(self.open_cache, image_size=h.image_size, **settings)
             )
         return source
 

@@ -42,8 +42,10 @@ class DecodeBatch:
 
     def __call__(self, images: list[torch.Tensor], device: torch.device | str) -> torch.Tensor:
         self._decode = self._decode or jpeg_decoder()
-        decoded, jpegs = list(images), [i for i, data in enumerate(images) if data.ndim == 1]
-        for i, image in zip(jpegs, self._decode([images[i] for i in jpegs], device) if jpegs else [], strict=True):
-            decoded[i] = image  # (3, H, W) uint8, each its own size
+        decoded = list(images)  # (3, S, S) uint8 where the worker decoded it (not a JPEG, or an EXIF-turned one)
+        jpegs = [i for i, data in enumerate(images) if data.ndim == 1]  # (num_bytes,) uint8
+        if jpegs:
+            for i, image in zip(jpegs, self._decode([images[i] for i in jpegs], device), strict=True):
+                decoded[i] = image  # (3, H, W) uint8, each its own size
         size = [self.image_size]
         return torch.stack([TF.center_crop(TF.resize(x.to(device), size, antialias=True), size) for x in decoded])

@@ -149,20 +149,18 @@ class StreamingReader:
     ) -> None:
         self.url, self.image_size, self.seed = url, image_size, seed
         self.cache_dir, self.max_cache_size = cache_dir, max_cache_size
-        self.warned = False
         self.train_loader: ResumableStreamingDataLoader | None = None  # whose position checkpoints save
         self.loader_state: dict[str, Any] | None = None  # a checkpoint's loader position, until the loader exists
 
     @functools.cached_property
     def metadata(self) -> dict[str, Any]:
-        """`{"classes": [...], "image_size": N, "samples": {"train": n, "val": n, ...}}`."""
-        return read_metadata(self.url)
+        """`{"classes": [...], "image_size": N, "samples": {"train": n, "val": n, ...}}`, read once."""
+        metadata = read_metadata(self.url)
+        if self.image_size > metadata["image_size"]:
+            rank_zero_warn(f"--image_size {self.image_size} upscales images stored at {metadata['image_size']} px")
+        return metadata
 
     def dataset(self, split: str, transform: Callable) -> StreamingDataset:
-        stored = self.metadata["image_size"]
-        if self.image_size > stored and not self.warned:
-            rank_zero_warn(f"--image_size {self.image_size} upscales images stored at {stored} px")
-            self.warned = True
         return streaming_dataset(
             self.url, split, transform, self.image_size, self.seed, self.cache_dir, self.max_cache_size
         )
